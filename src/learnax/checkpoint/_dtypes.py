@@ -1,0 +1,100 @@
+"""The dtypes learnax stores, by name, and their safetensors codes.
+
+Names read from a file are looked up in a fixed table, never passed to ``np.dtype``:
+a crafted file cannot ask for an object array. Dtypes that safetensors has no code for
+(int4, the fnuz float8 variants, complex128, ...) are stored as raw bytes (``U8`` with
+one more axis of the item size), and the manifest keeps the true dtype.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+_NUMPY_NAMES = (
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+    "complex64",
+    "complex128",
+)
+_ML_DTYPES_NAMES = (
+    "bfloat16",
+    "float8_e3m4",
+    "float8_e4m3",
+    "float8_e4m3fn",
+    "float8_e4m3fnuz",
+    "float8_e4m3b11fnuz",
+    "float8_e5m2",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+    "float4_e2m1fn",
+    "float6_e2m3fn",
+    "float6_e3m2fn",
+    "int2",
+    "int4",
+    "uint2",
+    "uint4",
+)
+
+DTYPES: dict[str, np.dtype] = {name: np.dtype(name) for name in _NUMPY_NAMES}
+DTYPES.update(
+    {
+        name: np.dtype(getattr(ml_dtypes, name))
+        for name in _ML_DTYPES_NAMES
+        if hasattr(ml_dtypes, name)
+    }
+)
+
+# Codes from the safetensors format; only those every safetensors release understands.
+SAFETENSORS_CODES: dict[str, str] = {
+    "bool": "BOOL",
+    "int8": "I8",
+    "int16": "I16",
+    "int32": "I32",
+    "int64": "I64",
+    "uint8": "U8",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
+    "float16": "F16",
+    "float32": "F32",
+    "float64": "F64",
+    "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "complex64": "C64",
+}
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """The stored name of a supported dtype (native byte order assumed)."""
+    return dtype.name if dtype.name in DTYPES else str(dtype)
+
+
+def is_supported_dtype(dtype: np.dtype) -> bool:
+    return DTYPES.get(dtype.name) == dtype.newbyteorder("=")
+
+
+def dtype_from_name(name: object) -> np.dtype:
+    """The dtype for a stored name; ``ValueError`` for anything not in the table."""
+    if not isinstance(name, str) or name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}")
+    return DTYPES[name]
+
+
+def safetensors_layout(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[str, list[int]]:
+    """The (dtype code, shape) under which an array is written in a safetensors file."""
+    code = SAFETENSORS_CODES.get(dtype.name)
+    if code is not None:
+        return code, list(shape)
+    return "U8", [*shape, dtype.itemsize]

@@ -1,0 +1,25 @@
+"""Exceptions raised by learnax.checkpoint.
+
+Programming errors (a bad argument, an unsupported leaf) are ordinary ``TypeError`` and
+``ValueError``; the classes here are for problems with what is stored.
+"""
+
+
+class CheckpointError(Exception):
+    """Base class of the errors about stored checkpoints."""
+
+
+class CheckpointCorruptedError(CheckpointError):
+    """A checkpoint failed verification: a checksum mismatch, a truncated file, or a
+    manifest or header that is malformed or points where it must not.
+
+    The message names the file. Earlier checkpoints are unaffected; ``load_latest()``
+    skips a corrupted checkpoint and returns the next newest one.
+    """
+
+
+class LegacyPickleError(CheckpointError):
+    """A ``state_*.pyd`` pickle from the original learnax was found, and loading it was
+    not allowed. Unpickling runs code from the file: pass ``allow_pickle=True`` only for
+    files you trust.
+    """

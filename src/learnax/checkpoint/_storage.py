@@ -1,0 +1,136 @@
+"""Local filesystem storage: durable writes, the atomic commit step, listing and locking.
+
+Everything the checkpoint format needs from storage goes through :class:`LocalStorage`,
+so that other backends (object stores through fsspec) can offer the same few operations.
+Durability on a POSIX filesystem takes three things: ``fsync`` of each file's data, an
+atomic ``rename`` to make the commit visible, and ``fsync`` of the directory so that the
+rename itself survives a power cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
+
+try:  # POSIX only; on other systems the lock is a no-op.
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = ".learnax.lock"
+
+
+class LocalStorage:
+    """A directory tree on a local (or locally mounted) filesystem."""
+
+    def join(self, *parts: str) -> str:
+        return os.path.join(*parts)
+
+    def makedirs(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+
+    def listdir(self, path: str) -> list[str]:
+        """Names in ``path``; an empty list when it does not exist."""
+        try:
+            return os.listdir(path)
+        except FileNotFoundError:
+            return []
+
+    def isdir(self, path: str) -> bool:
+        return os.path.isdir(path)
+
+    def isfile(self, path: str) -> bool:
+        return os.path.isfile(path)
+
+    def size(self, path: str) -> int:
+        return os.stat(path).st_size
+
+    def open_read(self, path: str) -> BinaryIO:
+        return open(path, "rb", buffering=0)  # noqa: SIM115 - the caller closes it
+
+    def read_bytes(self, path: str, limit: int) -> bytes:
+        """The whole file, refusing files larger than ``limit`` bytes."""
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise OSError(errno.EFBIG, f"file larger than {limit} bytes", path)
+        return data
+
+    def write_durable(self, path: str, chunks: Iterable[memoryview | bytes]) -> int:
+        """Write ``chunks`` to a new file at ``path`` and fsync it; returns the size.
+
+        Chunks are written as they are (no copy into a Python buffer), so a chunk may
+        be a view of an array's memory.
+        """
+        written = 0
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk).cast("B")
+                while view:
+                    n = os.write(fd, view)
+                    written += n
+                    view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return written
+
+    def replace_atomic(self, path: str, data: bytes, tmp_name: str) -> None:
+        """Make ``path`` hold ``data`` in one atomic step: write a temporary file beside
+        it, fsync, rename over ``path``, fsync the directory. A reader sees the old
+        content or the new, never a mix."""
+        directory = os.path.dirname(path)
+        tmp = os.path.join(directory, tmp_name)
+        try:
+            self.write_durable(tmp, [data])
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+        self.fsync_dir(directory)
+
+    def fsync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def remove(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+    def rmtree(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(path)
+
+    @contextlib.contextmanager
+    def lock(self, directory: str, *, blocking: bool = True) -> Iterator[bool]:
+        """Hold an exclusive advisory lock on ``directory`` while the block runs.
+
+        Yields whether the lock was taken (always ``True`` when ``blocking``). The
+        kernel drops the lock when its holder dies, so a crashed writer never blocks
+        the next one.
+        """
+        if fcntl is None:  # pragma: no cover - Windows
+            yield True
+            return
+        fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
