@@ -171,7 +171,6 @@ class Checkpointer:
             path = self.save_checkpoint(train_state, step, metrics)
             if path is not None:
                 saved["numbered"] = path
-                self._apply_retention()
         if self.keep_best and metrics and self.metric_name in metrics:
             path = self._update_best(train_state, metrics[self.metric_name], step, metrics)
             if path is not None:
@@ -217,7 +216,12 @@ class Checkpointer:
         else:
             name = _PREFIX + "best" if is_best else None
         step = self._resolve_step(train_state, step)
-        return self._save(name or f"{_PREFIX}{step}", train_state, step, metrics)
+        if name is not None:
+            return self._save(name, train_state, step, metrics)
+        path = self._save(f"{_PREFIX}{step}", train_state, step, metrics)
+        if path is not None:
+            self._apply_retention()
+        return path
 
     def save_latest(
         self, train_state: Any, step: int | None = None, metrics: dict[str, float] | None = None
@@ -432,6 +436,10 @@ class Checkpointer:
         if "/" in text or os.sep in text or text.endswith(_legacy.SUFFIX):
             return self._load_path(text, target, allow_pickle)
         name = text[len(_PREFIX) :] if text.startswith(_PREFIX) else text
+        if (
+            name.startswith("step_") and name[len("step_") :].isdigit()
+        ):  # a key of list_available_checkpoints()
+            name = name[len("step_") :]
         return self._load_path(
             os.path.join(self.checkpoint_dir, _PREFIX + _checked_suffix(name)), target, allow_pickle
         )

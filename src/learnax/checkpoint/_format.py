@@ -25,6 +25,7 @@ save), each a tensor of its own with the slice of the array it holds.
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 import time
@@ -131,40 +132,50 @@ def write_checkpoint(
     save_id = secrets.token_hex(8)
     data_name = f"data-{save_id}.safetensors"
 
-    tensors = [_describe(leaf) for leaf in leaves]
-    header = _safetensors_header(tensors)
-    size = storage.write_durable(storage.join(directory, data_name), _data_chunks(header, tensors))
-
-    body = {
-        "format": FORMAT,
-        "step": step,
-        "time": time.time(),
-        "metrics": metrics,
-        **(extra or {}),
-        "tree": tree,
-        "arrays": {
-            t.leaf.name: {
-                "dtype": dtype_name(t.dtype),
-                "shape": list(t.shape),
-                **t.extra,
-                "shards": [{"file": data_name, "tensor": t.leaf.name, "crc32": f"{t.crc32:08x}"}],
-            }
-            for t in tensors
-        },
-        "files": {data_name: {"bytes": size, "header_crc32": f"{zlib.crc32(header):08x}"}},
-    }
-    storage.replace_atomic(
-        storage.join(directory, MANIFEST),
-        _manifest_bytes(body),
-        tmp_name=f".manifest-{save_id}.tmp",
-    )
-    if new_directory:
-        storage.fsync_dir(storage.join(directory, ".."))
+    data_path = storage.join(directory, data_name)
+    try:
+        tensors = [_describe(leaf) for leaf in leaves]
+        header = _safetensors_header(tensors)
+        size = storage.write_durable(data_path, _data_chunks(header, tensors))
+        body = {
+            "format": FORMAT,
+            "step": step,
+            "time": time.time(),
+            "metrics": metrics,
+            **(extra or {}),
+            "tree": tree,
+            "arrays": {t.leaf.name: _array_entry(t, data_name) for t in tensors},
+            "files": {data_name: {"bytes": size, "header_crc32": f"{zlib.crc32(header):08x}"}},
+        }
+        storage.replace_atomic(
+            storage.join(directory, MANIFEST),
+            _manifest_bytes(body),
+            tmp_name=f".manifest-{save_id}.tmp",
+        )
+    except BaseException:
+        # Nothing was committed: remove what this save wrote; whatever a crash leaves
+        # instead, the next Checkpointer removes.
+        try:
+            storage.remove(data_path)
+            if new_directory:
+                storage.rmtree(directory)
+        except OSError:
+            pass
+        raise
     for name in previous - {data_name}:
         try:
             storage.remove(storage.join(directory, name))
         except OSError:  # committed already; the next Checkpointer cleans leftovers
             pass
+
+
+def _array_entry(t: _Tensor, data_name: str) -> dict[str, Any]:
+    return {
+        "dtype": dtype_name(t.dtype),
+        "shape": list(t.shape),
+        **t.extra,
+        "shards": [{"file": data_name, "tensor": t.leaf.name, "crc32": f"{t.crc32:08x}"}],
+    }
 
 
 def _describe(leaf: _tree.ArrayLeaf) -> _Tensor:
@@ -318,6 +329,10 @@ def _validate_manifest(m: Any, path: str) -> None:
                 raise bad(f"array {name!r}: invalid shard checksum")
             if "slice" in s:
                 _shard_bounds(s["slice"], shape, f"{path}: array {name!r}")
+        # Bound every allocation a load makes by the size of the files it reads.
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > sum(files[f]["bytes"] for f in {s["file"] for s in shards}):
+            raise bad(f"array {name!r}: shape {shape} needs more bytes than its data files hold")
     metrics = m.get("metrics")
     if not isinstance(metrics, dict):
         raise bad("'metrics' is not an object")
@@ -368,8 +383,10 @@ class CheckpointReader:
             )
         dtype = dtype_from_name(info["dtype"])
         shape = tuple(info["shape"])
-        out = np.empty(shape, dtype)
         shards = info["shards"]
+        for shard in shards:  # checks the files' real sizes before allocating
+            self._header(shard["file"])
+        out = np.empty(shape, dtype)
         if len(shards) == 1 and "slice" not in shards[0]:
             self._read_shard(shards[0], out, name)
         else:

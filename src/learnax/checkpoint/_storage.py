@@ -31,7 +31,23 @@ class LocalStorage:
         return os.path.join(*parts)
 
     def makedirs(self, path: str) -> None:
-        os.makedirs(path, exist_ok=True)
+        """Create ``path`` and its missing parents, durably: each new directory entry
+        is fsynced in its parent, or a power cut could lose the whole subtree."""
+        path = os.path.abspath(path)
+        missing = []
+        while not os.path.isdir(path):
+            missing.append(path)
+            parent = os.path.dirname(path)
+            if parent == path:
+                break
+            path = parent
+        for directory in reversed(missing):
+            try:
+                os.mkdir(directory)
+            except FileExistsError:
+                if not os.path.isdir(directory):
+                    raise
+            self.fsync_dir(os.path.dirname(directory))
 
     def listdir(self, path: str) -> list[str]:
         """Names in ``path``; an empty list when it does not exist."""
@@ -55,10 +71,9 @@ class LocalStorage:
     def read_bytes(self, path: str, limit: int) -> bytes:
         """The whole file, refusing files larger than ``limit`` bytes."""
         with open(path, "rb") as f:
-            data = f.read(limit + 1)
-        if len(data) > limit:
-            raise OSError(errno.EFBIG, f"file larger than {limit} bytes", path)
-        return data
+            if os.fstat(f.fileno()).st_size > limit:
+                raise OSError(errno.EFBIG, f"file larger than {limit} bytes", path)
+            return f.read()
 
     def write_durable(self, path: str, chunks: Iterable[memoryview | bytes]) -> int:
         """Write ``chunks`` to a new file at ``path`` and fsync it; returns the size.

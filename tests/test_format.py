@@ -1,0 +1,124 @@
+"""On disk: a checkpoint is a directory of ``manifest.json`` plus safetensors files
+that the ``safetensors`` library itself opens."""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from pathlib import Path
+
+import numpy as np
+import safetensors
+from conftest import checkpoint_files, read_manifest_file, small_state
+
+
+def saved_path(make_checkpointer, state=None, step=1000, **save_kwargs) -> Path:
+    ckpt = make_checkpointer()
+    path = ckpt.save_checkpoint(small_state() if state is None else state, step=step, **save_kwargs)
+    assert path is not None
+    return Path(path)
+
+
+def all_tensors(path: Path) -> dict[str, np.ndarray]:
+    tensors = {}
+    for file in checkpoint_files(path):
+        with safetensors.safe_open(str(file), framework="numpy") as f:
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+    return tensors
+
+
+def test_checkpoint_directory_holds_only_manifest_and_safetensors_files(
+    make_checkpointer,
+):
+    path = saved_path(make_checkpointer)
+    names = sorted(p.name for p in path.iterdir())
+    assert "manifest.json" in names
+    others = [n for n in names if n != "manifest.json"]
+    assert others
+    assert all(n.endswith(".safetensors") for n in others), names
+    assert all(p.is_file() for p in path.iterdir())
+
+
+def test_safetensors_library_opens_the_data_files_by_leaf_path(make_checkpointer):
+    state = small_state()
+    tensors = all_tensors(saved_path(make_checkpointer, state))
+    assert {"params/w", "params/b", "opt_state/mu"} <= set(tensors)
+    for name, expected in [
+        ("params/w", state["params"]["w"]),
+        ("params/b", state["params"]["b"]),
+        ("opt_state/mu", state["opt_state"]["mu"]),
+    ]:
+        assert tensors[name].dtype == np.float32
+        np.testing.assert_array_equal(tensors[name], expected)
+
+
+def test_safetensors_names_join_nested_dict_and_sequence_keys_with_slash(
+    make_checkpointer,
+):
+    state = {"layers": [{"kernel": np.ones((2, 2), np.float32)}], "bias": np.zeros(2)}
+    tensors = all_tensors(saved_path(make_checkpointer, state))
+    assert "layers/0/kernel" in tensors
+    assert "bias" in tensors
+    np.testing.assert_array_equal(tensors["bias"], np.zeros(2))
+
+
+def test_int_and_float64_arrays_are_stored_with_their_dtype(make_checkpointer):
+    state = {"i": np.arange(5, dtype=np.int64), "d": np.linspace(0, 1, 3)}
+    tensors = all_tensors(saved_path(make_checkpointer, state))
+    assert tensors["i"].dtype == np.int64
+    np.testing.assert_array_equal(tensors["i"], state["i"])
+    assert tensors["d"].dtype == np.float64
+    np.testing.assert_array_equal(tensors["d"], state["d"])
+
+
+def test_manifest_json_holds_checksum_and_manifest(make_checkpointer):
+    path = saved_path(make_checkpointer, metrics={"val/loss": 0.5})
+    document = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    assert set(document) == {"checksum", "manifest"}
+    assert re.fullmatch(r"crc32:[0-9a-f]{8}", document["checksum"])
+    manifest = document["manifest"]
+    assert {"format", "step", "time", "metrics", "tree", "arrays", "files"} <= set(manifest)
+    assert manifest["step"] == 1000
+    assert manifest["metrics"] == {"val/loss": 0.5}
+
+
+def test_manifest_checksum_is_crc32_of_the_exact_manifest_bytes(make_checkpointer):
+    path = saved_path(make_checkpointer)
+    text, start, end = read_manifest_file(path)
+    expected = "crc32:%08x" % (zlib.crc32(text[start:end].encode("utf-8")) & 0xFFFFFFFF)
+    assert json.loads(text)["checksum"] == expected
+
+
+def test_manifest_lists_every_array_with_dtype_shape_and_shards(make_checkpointer):
+    path = saved_path(make_checkpointer)
+    manifest = json.loads((path / "manifest.json").read_text())["manifest"]
+    arrays = manifest["arrays"]
+    assert set(arrays) >= {"params/w", "params/b", "opt_state/mu"}
+    w = arrays["params/w"]
+    assert list(w["shape"]) == [3, 4]
+    assert "float32" in w["dtype"] or w["dtype"] in ("F32", "<f4")
+    for shard in w["shards"]:
+        assert shard["file"] in manifest["files"]
+        assert "crc32" in shard
+
+
+def test_manifest_files_record_the_byte_size_of_each_data_file(make_checkpointer):
+    path = saved_path(make_checkpointer)
+    manifest = json.loads((path / "manifest.json").read_text())["manifest"]
+    on_disk = {p.name: p.stat().st_size for p in checkpoint_files(path)}
+    assert set(manifest["files"]) == set(on_disk)
+    for name, info in manifest["files"].items():
+        assert info["bytes"] == on_disk[name]
+        assert "header_crc32" in info
+
+
+def test_checkpoint_layout_is_registry_run_checkpoints_state_name(make_checkpointer, registry):
+    ckpt = make_checkpointer(keep_best=True)
+    ckpt.save_checkpoint(small_state(), step=1000)
+    ckpt.save_latest(small_state(), step=1000)
+    ckpt.update_best_checkpoint(small_state(), 0.1, step=1000)
+    root = Path(registry) / "run" / "checkpoints"
+    for name in ("state_1000", "state_latest", "state_best"):
+        assert (root / name / "manifest.json").is_file()

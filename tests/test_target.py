@@ -1,0 +1,237 @@
+"""Loads with ``target=``: the state comes back in the target's types and placement."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import assert_tree_equal, small_state
+from flax.training import train_state
+
+
+class TrainState(NamedTuple):
+    params: dict
+    opt_state: object
+    step: object
+
+
+def saved_checkpointer(make_checkpointer, state, step=1):
+    ckpt = make_checkpointer()
+    assert ckpt.save_checkpoint(state, step=step) is not None
+    return ckpt
+
+
+def zeros_like_tree(tree):
+    return jax.tree_util.tree_map(lambda x: jnp.zeros(np.shape(x), x.dtype), tree)
+
+
+def test_jax_array_target_gives_jax_arrays(make_checkpointer):
+    state = small_state()
+    ckpt = saved_checkpointer(make_checkpointer, state)
+    restored = ckpt.load_checkpoint(1, target=zeros_like_tree(state))["state"]
+    for leaf in jax.tree_util.tree_leaves(restored):
+        assert isinstance(leaf, jax.Array)
+    assert_tree_equal(state, jax.device_get(restored))
+
+
+def test_numpy_target_gives_numpy_arrays(make_checkpointer):
+    state = small_state()
+    ckpt = saved_checkpointer(make_checkpointer, state)
+    target = jax.tree_util.tree_map(np.zeros_like, state)
+    restored = ckpt.load_checkpoint(1, target=target)["state"]
+    for leaf in jax.tree_util.tree_leaves(restored):
+        assert type(leaf) is np.ndarray
+    assert_tree_equal(state, restored)
+
+
+def test_shape_dtype_struct_target_gives_jax_arrays(make_checkpointer):
+    state = small_state()
+    ckpt = saved_checkpointer(make_checkpointer, state)
+    target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    restored = ckpt.load_latest(target=target)["state"]
+    for leaf in jax.tree_util.tree_leaves(restored):
+        assert isinstance(leaf, jax.Array)
+    assert_tree_equal(state, jax.device_get(restored))
+
+
+def test_shape_dtype_struct_with_sharding_places_arrays_on_that_sharding(
+    make_checkpointer,
+):
+    state = small_state()
+    ckpt = saved_checkpointer(make_checkpointer, state)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state
+    )
+    restored = ckpt.load_checkpoint(1, target=target)["state"]
+    for leaf in jax.tree_util.tree_leaves(restored):
+        assert isinstance(leaf, jax.Array)
+        assert leaf.sharding == sharding
+    assert_tree_equal(state, jax.device_get(restored))
+
+
+def test_target_works_with_every_load_method(make_checkpointer):
+    state = small_state()
+    ckpt = make_checkpointer(keep_best=True)
+    ckpt.save_latest(state, step=1)
+    ckpt.update_best_checkpoint(state, 0.1, step=1)
+    target = zeros_like_tree(state)
+    for loaded in (
+        ckpt.load_latest(target=target),
+        ckpt.load_best(target=target),
+        ckpt.load_checkpoint("latest", target=target),
+    ):
+        assert isinstance(loaded["state"]["params"]["w"], jax.Array)
+        assert_tree_equal(state, jax.device_get(loaded["state"]))
+
+
+def test_missing_checkpoint_with_target_returns_none(make_checkpointer):
+    ckpt = make_checkpointer()
+    assert ckpt.load_latest(target=zeros_like_tree(small_state())) is None
+
+
+def test_typed_key_target_gives_typed_key(make_checkpointer):
+    key = jax.random.key(3)
+    ckpt = saved_checkpointer(make_checkpointer, {"rng": key})
+    restored = ckpt.load_checkpoint(1, target={"rng": jax.random.key(0)})["state"]
+    np.testing.assert_array_equal(
+        np.asarray(jax.random.key_data(restored["rng"])),
+        np.asarray(jax.random.key_data(key)),
+    )
+
+
+# --- flax TrainState --------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(8)(x))
+        return nn.Dense(1)(x)
+
+
+def make_flax_state(seed):
+    model = MLP()
+    params = model.init(jax.random.key(seed), jnp.ones((1, 3)))
+    return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-2))
+
+
+def flax_grads(state):
+    x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+
+    def loss(params):
+        return jnp.mean(state.apply_fn(params, x) ** 2)
+
+    return jax.grad(loss)(state.params)
+
+
+def test_flax_train_state_target_restores_a_train_state(make_checkpointer):
+    state = make_flax_state(0)
+    state = state.apply_gradients(grads=flax_grads(state))
+    ckpt = saved_checkpointer(make_checkpointer, state, step=int(state.step))
+
+    target = make_flax_state(1)
+    restored = ckpt.load_latest(target=target)["state"]
+
+    assert type(restored) is train_state.TrainState
+    assert restored.apply_fn is target.apply_fn
+    assert restored.tx is target.tx
+    assert int(restored.step) == 1
+    assert_tree_equal(jax.device_get(state.params), jax.device_get(restored.params))
+    assert_tree_equal(jax.device_get(state.opt_state), jax.device_get(restored.opt_state))
+
+
+def test_restored_flax_train_state_can_apply_gradients(make_checkpointer):
+    state = make_flax_state(0)
+    state = state.apply_gradients(grads=flax_grads(state))
+    ckpt = saved_checkpointer(make_checkpointer, state, step=int(state.step))
+    restored = ckpt.load_latest(target=make_flax_state(1))["state"]
+
+    expected = state.apply_gradients(grads=flax_grads(state))
+    continued = restored.apply_gradients(grads=flax_grads(restored))
+    assert int(continued.step) == 2
+    assert_tree_equal(jax.device_get(expected.params), jax.device_get(continued.params))
+
+
+def test_flax_train_state_without_target_comes_back_as_dict_of_fields(
+    make_checkpointer,
+):
+    state = make_flax_state(0)
+    ckpt = saved_checkpointer(make_checkpointer, state, step=0)
+    restored = ckpt.load_checkpoint(0)["state"]
+    assert type(restored) is dict
+    assert set(restored) == {"step", "params", "opt_state"}
+    assert_tree_equal(jax.device_get(state.params), restored["params"])
+
+
+# --- mismatches -------------------------------------------------------------------
+
+
+def test_shape_mismatch_raises_value_error_naming_the_leaf(make_checkpointer):
+    state = {"encoder": {"kernel": np.ones((3, 4), np.float32)}}
+    ckpt = saved_checkpointer(make_checkpointer, state)
+    target = {"encoder": {"kernel": np.ones((4, 4), np.float32)}}
+    with pytest.raises(ValueError) as excinfo:
+        ckpt.load_checkpoint(1, target=target)
+    assert "encoder" in str(excinfo.value)
+    assert "kernel" in str(excinfo.value)
+
+
+def test_dtype_mismatch_raises_value_error_naming_the_leaf(make_checkpointer):
+    state = {"encoder": {"kernel": np.ones((3, 4), np.float32)}}
+    ckpt = saved_checkpointer(make_checkpointer, state)
+    target = {"encoder": {"kernel": jax.ShapeDtypeStruct((3, 4), jnp.float16)}}
+    with pytest.raises(ValueError) as excinfo:
+        ckpt.load_checkpoint(1, target=target)
+    assert "encoder" in str(excinfo.value)
+    assert "kernel" in str(excinfo.value)
+
+
+def test_target_leaf_missing_from_checkpoint_raises_value_error_naming_it(
+    make_checkpointer,
+):
+    ckpt = saved_checkpointer(make_checkpointer, {"params": {"w": np.ones(3)}})
+    target = {"params": {"w": np.ones(3), "extra_bias": np.ones(3)}}
+    with pytest.raises(ValueError) as excinfo:
+        ckpt.load_checkpoint(1, target=target)
+    assert "extra_bias" in str(excinfo.value)
+
+
+# --- partial restore --------------------------------------------------------------
+
+
+def test_pruned_target_restores_only_the_named_part(make_checkpointer):
+    state = small_state()
+    ckpt = saved_checkpointer(make_checkpointer, state)
+    target = {"params": zeros_like_tree(state["params"])}
+    restored = ckpt.load_checkpoint(1, target=target)["state"]
+    assert set(restored) == {"params"}
+    assert_tree_equal(state["params"], jax.device_get(restored["params"]))
+
+
+def test_subtree_target_restores_params_of_a_saved_train_state(make_checkpointer):
+    params = {
+        "dense": {
+            "kernel": jnp.asarray(np.arange(6.0).reshape(2, 3), jnp.float32),
+            "bias": jnp.asarray([1.0, 2.0, 3.0], jnp.float32),
+        }
+    }
+    optimizer = optax.adam(1e-1)
+    opt_state = optimizer.init(params)
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    state = TrainState(params=params, opt_state=opt_state, step=jnp.asarray(1))
+    ckpt = saved_checkpointer(make_checkpointer, state)
+
+    # mu and nu have the same structure as params: the shallowest match is params.
+    restored = ckpt.load_checkpoint(1, target=zeros_like_tree(params))["state"]
+
+    assert set(restored) == {"dense"}
+    assert isinstance(restored["dense"]["kernel"], jax.Array)
+    assert_tree_equal(jax.device_get(params), jax.device_get(restored))
