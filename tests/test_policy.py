@@ -491,3 +491,14 @@ def test_a_new_checkpointer_loads_what_an_earlier_one_saved(make_checkpointer):
 def test_runs_in_one_registry_are_separate(make_checkpointer):
     make_checkpointer("run-a").save_checkpoint(small_state(), step=1)
     assert make_checkpointer("run-b").load_latest() is None
+
+
+def test_best_value_is_picked_up_from_a_best_saved_by_hand(make_checkpointer):
+    """A state_best written with save_checkpoint(is_best=True) carries its metric in
+    `metrics`; a restarted Checkpointer starts from that value."""
+    first = make_checkpointer(keep_best=True)
+    first.save_checkpoint({"w": np.zeros(2)}, step=5, metrics={"val/loss": 0.25}, is_best=True)
+    restarted = make_checkpointer(keep_best=True)
+    assert restarted.best_metric_value == 0.25
+    assert not restarted.update_best_checkpoint({"w": np.ones(2)}, 0.5, step=6)
+    assert restarted.load_best()["step"] == 5

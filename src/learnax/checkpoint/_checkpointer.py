@@ -611,12 +611,17 @@ class Checkpointer:
         if not self._committed(_PREFIX + "best"):
             return
         try:
-            best = self._manifest(_PREFIX + "best").get("best")
+            manifest = self._manifest(_PREFIX + "best")
         except CheckpointCorruptedError as e:
             logger.warning("Cannot read the best metric of this run: %s", e)
             return
+        best = manifest.get("best")
         if not isinstance(best, dict):
-            return
+            # Saved with save_checkpoint(is_best=True): its metrics are all we have.
+            value = manifest["metrics"].get(self.metric_name)
+            if value is None:
+                return
+            best = {"metric": self.metric_name, "minimize": self.minimize_metric, "value": value}
         if best.get("metric") != self.metric_name or best.get("minimize") != self.minimize_metric:
             logger.warning(
                 "The best checkpoint of this run was chosen by %r (minimize=%s), not %r "
