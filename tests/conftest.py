@@ -7,6 +7,7 @@ Every test gets its own registry under pytest's ``tmp_path``; helpers here only
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import zlib
@@ -156,3 +157,19 @@ def tree_listing(root) -> list[tuple[str, int, int]]:
             st = os.lstat(p)
             out.append((os.path.relpath(p, root), st.st_size, st.st_mtime_ns))
     return sorted(out)
+
+
+def numbered_steps(ckpt: Checkpointer) -> list[int]:
+    """The steps of the numbered checkpoints ``list_available_checkpoints`` reports."""
+    return [
+        int(key[len("step_") :])
+        for key in ckpt.list_available_checkpoints()
+        if key.startswith("step_")
+    ]
+
+
+def learnax_errors(caplog) -> list[logging.LogRecord]:
+    """Records at WARNING or above that the library logged on the ``learnax`` logger."""
+    return [
+        r for r in caplog.records if r.name.startswith("learnax") and r.levelno >= logging.WARNING
+    ]

@@ -288,7 +288,7 @@ def _point_files_at(manifest, new_name):
     (old_name,) = list(manifest["files"])
     manifest["files"] = {new_name: manifest["files"][old_name]}
     for entry in manifest["arrays"].values():
-        for shard in entry["shards"]:
+        for shard in entry.get("shards", [entry]):  # inline when stored whole
             if shard["file"] == old_name:
                 shard["file"] = new_name
 

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import assert_tree_equal, checkpoint_dir_entries, small_state
+from conftest import assert_tree_equal, checkpoint_dir_entries, learnax_errors, small_state
 
 from learnax.checkpoint import Checkpointer
 
@@ -40,12 +40,6 @@ def failing_disk(request, monkeypatch):
             monkeypatch.undo()
 
     return Disk()
-
-
-def learnax_errors(caplog):
-    return [
-        r for r in caplog.records if r.name.startswith("learnax") and r.levelno >= logging.WARNING
-    ]
 
 
 def test_failed_save_returns_none_and_logs_on_learnax_logger(

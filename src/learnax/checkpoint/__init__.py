@@ -11,11 +11,17 @@ restored = ckpt.load_latest(target=state)
 """
 
 from ._checkpointer import Checkpointer
-from ._errors import CheckpointCorruptedError, CheckpointError, LegacyPickleError
+from ._errors import (
+    CheckpointCorruptedError,
+    CheckpointError,
+    CheckpointSaveError,
+    LegacyPickleError,
+)
 
 __all__ = [
     "CheckpointCorruptedError",
     "CheckpointError",
+    "CheckpointSaveError",
     "Checkpointer",
     "LegacyPickleError",
 ]

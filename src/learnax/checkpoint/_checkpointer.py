@@ -8,20 +8,24 @@ storage module does the I/O. A run's checkpoints live in
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import operator
 import os
 import re
 import warnings
+import weakref
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 import numpy as np
 
 from . import _format, _legacy, _tree
-from ._errors import CheckpointCorruptedError, LegacyPickleError
+from ._errors import CheckpointCorruptedError, CheckpointSaveError, LegacyPickleError
 from ._storage import LocalStorage
 from ._target import restore_into_target
 
@@ -29,6 +33,47 @@ logger = logging.getLogger("learnax")
 
 _PREFIX = "state_"
 _NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+
+
+@dataclass
+class _Write:
+    """One checkpoint to write from a snapshot, and what to do once it is committed."""
+
+    key: str  # the key of maybe_save_checkpoints' result: "latest", "numbered", "best"
+    name: str  # the directory, "state_<...>"
+    metrics: dict[str, Any]  # already encoded for JSON
+    extra: dict[str, Any] | None = None
+    best_value: float | None = None  # becomes best_metric_value once committed
+    retention: bool = False  # a numbered checkpoint: prune the old ones after it
+    error: BaseException | None = None
+
+
+def _snapshot(leaves: list[_tree.ArrayLeaf]) -> None:
+    """Make the leaves independent of the caller's arrays, which may change, be deleted
+    or donated as soon as an async save returns: jax arrays are copied on their own
+    devices in one batched call (no device-to-host transfer before returning), numpy
+    arrays are copied in host memory."""
+    on_device = [leaf for leaf in leaves if isinstance(leaf.value, jax.Array)]
+    if on_device:
+        copies = jax.device_put([leaf.value for leaf in on_device], may_alias=False)
+        for leaf, copy in zip(on_device, copies, strict=True):
+            leaf.value = copy
+    for leaf in leaves:
+        if isinstance(leaf.value, np.ndarray):
+            leaf.value = leaf.value.copy()
+
+
+# Checkpointers with a background thread, flushed when the interpreter exits.
+_PENDING_AT_EXIT: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for ckpt in list(_PENDING_AT_EXIT):
+        try:
+            ckpt._finish_in_flight()
+        except BaseException:  # already logged when it failed
+            pass
 
 
 class Checkpointer:
@@ -55,6 +100,11 @@ class Checkpointer:
     - `metric_name`: the key in ``metrics`` that decides the best checkpoint.
     - `minimize_metric`: whether lower (``True``) or higher is better.
     - `prepare_fn`: applied to the state before writing; defaults to ``jax.device_get``.
+    - `async_save`: return from a save once the state is snapshotted (jax arrays copied
+      on their devices, numpy arrays in host memory) and write it in a background
+      thread; at most one save is in flight. See :meth:`wait_until_finished`.
+    - `keep_period`: numbered checkpoints whose step is a multiple of it are kept
+      forever and do not count toward ``max_to_keep``.
 
     **Example:**
 
@@ -81,6 +131,9 @@ class Checkpointer:
         metric_name: str = "val/loss",
         minimize_metric: bool = True,
         prepare_fn: Callable[[Any], Any] | None = None,
+        *,
+        async_save: bool = False,
+        keep_period: int | None = None,
     ) -> None:
         registry_path = os.fspath(registry_path)
         if "://" in registry_path:
@@ -107,6 +160,13 @@ class Checkpointer:
         self.metric_name = metric_name
         self.minimize_metric = bool(minimize_metric)
         self.prepare_fn = prepare_fn if prepare_fn is not None else jax.device_get
+        self._default_prepare = prepare_fn is None
+        self.async_save = bool(async_save)
+        self.keep_period = _interval(keep_period, "keep_period")
+        self._worker: ThreadPoolExecutor | None = None
+        self._in_flight: Future[None] | None = None
+        self._failure: BaseException | None = None
+        self._closed = False
         self._storage = LocalStorage()
         self._storage.makedirs(self.checkpoint_dir)
         self.best_metric_value: float = math.inf if self.minimize_metric else -math.inf
@@ -162,20 +222,24 @@ class Checkpointer:
         ```
         """
         step = _as_step(step)
-        saved: dict[str, str] = {}
-        if self.save_every and step % self.save_every == 0:
-            path = self.save_latest(train_state, step, metrics)
-            if path is not None:
-                saved["latest"] = path
-        if self.checkpoint_every and step % self.checkpoint_every == 0:
-            path = self.save_checkpoint(train_state, step, metrics)
-            if path is not None:
-                saved["numbered"] = path
-        if self.keep_best and metrics and self.metric_name in metrics:
-            path = self._update_best(train_state, metrics[self.metric_name], step, metrics)
-            if path is not None:
-                saved["best"] = path
-        return saved
+        due_latest = bool(self.save_every) and step % self.save_every == 0
+        due_numbered = bool(self.checkpoint_every) and step % self.checkpoint_every == 0
+        due_best = self.keep_best and bool(metrics) and self.metric_name in metrics
+        if not (due_latest or due_numbered or due_best):
+            return {}
+        self._finish_in_flight()
+        encoded = _format.encode_metrics(metrics)
+        writes = []
+        if due_latest:
+            writes.append(_Write("latest", _PREFIX + "latest", encoded))
+        if due_numbered:
+            writes.append(_Write("numbered", f"{_PREFIX}{step}", encoded, retention=True))
+        if due_best:
+            best = self._best_write(metrics[self.metric_name], encoded)
+            if best is not None:
+                writes.append(best)
+        saved = self._save_all(train_state, step, writes)
+        return {key: path for key, path in saved.items() if path is not None}
 
     # ----------------------------------------------------------------- saving
 
@@ -212,16 +276,16 @@ class Checkpointer:
         ```
         """
         if suffix is not None:
-            name = _PREFIX + _checked_suffix(suffix)
+            write = _Write("", _PREFIX + _checked_suffix(suffix), {})
+        elif is_best:
+            write = _Write("", _PREFIX + "best", {})
         else:
-            name = _PREFIX + "best" if is_best else None
+            write = None
         step = self._resolve_step(train_state, step)
-        if name is not None:
-            return self._save(name, train_state, step, metrics)
-        path = self._save(f"{_PREFIX}{step}", train_state, step, metrics)
-        if path is not None:
-            self._apply_retention()
-        return path
+        write = write or _Write("", f"{_PREFIX}{step}", {}, retention=True)
+        write.metrics = _format.encode_metrics(metrics)
+        self._finish_in_flight()
+        return self._save_all(train_state, step, [write]).get("")
 
     def save_latest(
         self, train_state: Any, step: int | None = None, metrics: dict[str, float] | None = None
@@ -239,7 +303,8 @@ class Checkpointer:
     ) -> bool:
         """Save ``state_best`` if ``metric_value`` is strictly better than the best so far.
 
-        NaN is never better. ``best_metric_value`` changes only once the save succeeded.
+        NaN is never better. ``best_metric_value`` changes only once the save succeeded
+        (with ``async_save``, once it is committed in the background).
 
         **Arguments:**
 
@@ -247,55 +312,63 @@ class Checkpointer:
         - `metric_value`: the value of ``metric_name`` for this state.
         - `step`: the step; ``None`` takes ``train_state.step``.
 
-        **Returns:** ``True`` when a new best checkpoint was saved.
+        **Returns:** ``True`` when a new best checkpoint was saved (with ``async_save``:
+        scheduled).
 
         **Example:** `ckpt.update_best_checkpoint(state, val_loss, step)`
         """
         step = self._resolve_step(train_state, step)
-        return self._update_best(train_state, metric_value, step, None) is not None
+        self._finish_in_flight()
+        best = self._best_write(metric_value, None)
+        if best is None:
+            return False
+        return self._save_all(train_state, step, [best]).get("best") is not None
 
-    def _update_best(
-        self, train_state: Any, metric_value: Any, step: int, metrics: dict[str, Any] | None
-    ) -> str | None:
+    def _best_write(self, metric_value: Any, metrics: dict[str, Any] | None) -> _Write | None:
+        """The write of ``state_best`` if ``metric_value`` beats the best so far."""
         if not self.keep_best:
             return None
         value = _metric_float(metric_value, self.metric_name)
-        if not self._is_better(value):
-            return None
-        best = {
-            "metric": self.metric_name,
-            "value": _tree.encode_float(value),
-            "minimize": self.minimize_metric,
-        }
-        metrics = dict(metrics) if metrics else {self.metric_name: value}
-        path = self._save(_PREFIX + "best", train_state, step, metrics, extra={"best": best})
-        if path is not None:
-            self.best_metric_value = value
-        return path
-
-    def _is_better(self, value: float) -> bool:
         if math.isnan(value):
-            return False
-        return (
+            return None
+        if not (
             value < self.best_metric_value
             if self.minimize_metric
             else value > self.best_metric_value
-        )
+        ):
+            return None
+        extra = {
+            "best": {
+                "metric": self.metric_name,
+                "value": _tree.encode_float(value),
+                "minimize": self.minimize_metric,
+            }
+        }
+        metrics = metrics or {self.metric_name: _tree.encode_float(value)}
+        return _Write("best", _PREFIX + "best", metrics, extra=extra, best_value=value)
 
-    def _save(
-        self,
-        name: str,
-        train_state: Any,
-        step: int,
-        metrics: dict[str, Any] | None,
-        extra: dict[str, Any] | None = None,
-    ) -> str | None:
-        encoded_metrics = _format.encode_metrics(metrics)
+    def _save_all(self, train_state: Any, step: int, writes: list[_Write]) -> dict[str, str | None]:
+        """Write each of ``writes`` from one snapshot of ``train_state``: now, or with
+        ``async_save`` in the background. Returns the path of each by its key (``None``
+        for a failed synchronous write)."""
+        if not writes:
+            return {}
         # The default prepare_fn, jax.device_get, is done leaf by leaf while writing:
         # the same result without a second copy of the whole state in host memory.
-        state = train_state if self.prepare_fn is jax.device_get else self.prepare_fn(train_state)
+        state = train_state if self._default_prepare else self.prepare_fn(train_state)
         tree, leaves = _tree.encode_tree(state)
-        directory = os.path.join(self.checkpoint_dir, name)
+        if not self.async_save or self._closed:
+            return {w.key: self._write(w, tree, leaves, step) for w in writes}
+        _snapshot(leaves)
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="learnax-save")
+            _PENDING_AT_EXIT.add(self)
+        self._in_flight = self._worker.submit(self._write_in_background, tree, leaves, step, writes)
+        return {w.key: os.path.join(self.checkpoint_dir, w.name) for w in writes}
+
+    def _write(self, write: _Write, tree: Any, leaves: list[Any], step: int) -> str | None:
+        """Write and commit one checkpoint; on an I/O failure log it and return None."""
+        directory = os.path.join(self.checkpoint_dir, write.name)
         try:
             with self._storage.lock(self.checkpoint_dir):
                 _format.write_checkpoint(
@@ -304,8 +377,8 @@ class Checkpointer:
                     tree=tree,
                     leaves=leaves,
                     step=step,
-                    metrics=encoded_metrics,
-                    extra=extra,
+                    metrics=write.metrics,
+                    extra=write.extra,
                 )
         except OSError as e:
             logger.error(
@@ -314,9 +387,84 @@ class Checkpointer:
                 step,
                 e,
             )
+            write.error = e
             return None
         logger.debug("Saved checkpoint %s (step %d)", directory, step)
+        if write.best_value is not None:
+            self.best_metric_value = write.best_value
+        if write.retention:
+            self._apply_retention()
         return directory
+
+    def _write_in_background(
+        self, tree: Any, leaves: list[Any], step: int, writes: list[_Write]
+    ) -> None:
+        failed = []
+        for write in writes:
+            try:
+                if self._write(write, tree, leaves, step) is None:
+                    failed.append(write)
+            except BaseException as e:  # a bug, not I/O: still reported to the caller
+                logger.exception("Background save of %s failed", write.name)
+                write.error = e
+                failed.append(write)
+        if failed:
+            names = ", ".join(w.name for w in failed)
+            raise CheckpointSaveError(
+                f"Background save of {names} (step {step}) in {self.checkpoint_dir} failed: "
+                f"{failed[0].error}. Earlier checkpoints are intact."
+            ) from failed[0].error
+
+    def _finish_in_flight(self, *, raise_failure: bool = True) -> None:
+        """Wait for the save in flight; raise its failure (once) if it failed."""
+        future, self._in_flight = self._in_flight, None
+        if future is not None:
+            try:
+                future.result()
+            except BaseException as e:
+                self._failure = e
+        if raise_failure and self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+
+    def wait_until_finished(self) -> None:
+        """Block until the save in flight (``async_save=True``) is committed.
+
+        Raises :class:`CheckpointSaveError` if it failed. Returns at once when nothing
+        is in flight, and always in synchronous mode.
+
+        **Example:**
+
+        ```python
+        ckpt.save_checkpoint(state, step)   # returns after the snapshot
+        ckpt.wait_until_finished()          # now it is durable on storage
+        ```
+        """
+        self._finish_in_flight()
+
+    def close(self) -> None:
+        """Finish the save in flight and stop the background thread.
+
+        Raises :class:`CheckpointSaveError` if that save failed. Calling it again does
+        nothing; saves after ``close()`` are synchronous. ``with Checkpointer(...) as
+        ckpt:`` closes at the end of the block.
+
+        **Example:** `ckpt.close()`
+        """
+        self._closed = True
+        try:
+            self._finish_in_flight()
+        finally:
+            worker, self._worker = self._worker, None
+            if worker is not None:
+                worker.shutdown(wait=True)
+            _PENDING_AT_EXIT.discard(self)
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _resolve_step(self, train_state: Any, step: Any) -> int:
         if step is None:
@@ -334,7 +482,11 @@ class Checkpointer:
     def _apply_retention(self) -> None:
         if self.max_to_keep is None:
             return
-        steps = sorted(self._numbered_steps())
+        steps = sorted(
+            s
+            for s in self._numbered_steps()
+            if not (self.keep_period and s % self.keep_period == 0)
+        )
         for step in steps[: max(len(steps) - self.max_to_keep, 0)]:
             self._delete(f"{_PREFIX}{step}")
 
@@ -537,12 +689,15 @@ class Checkpointer:
 
     def _read(self, directory: str, manifest: dict[str, Any], target: Any) -> dict[str, Any]:
         reader = _format.CheckpointReader(self._storage, directory, manifest)
+
+        def read_nodes(nodes: list[Any]) -> list[Any]:
+            reader.prefetch([name for node in nodes for name in _tree.array_names(node)])
+            return [_tree.decode_tree(node, reader.array) for node in nodes]
+
         if target is None:
-            state = _tree.decode_tree(manifest["tree"], reader.array)
+            state = read_nodes([manifest["tree"]])[0]
         else:
-            state = restore_into_target(
-                manifest["tree"], target, lambda node, _: _tree.decode_tree(node, reader.array)
-            )
+            state = restore_into_target(manifest["tree"], target, read_nodes)
         return {
             "state": state,
             "step": manifest["step"],

@@ -76,13 +76,18 @@ SAFETENSORS_CODES: dict[str, str] = {
 }
 
 
+_NAMES: dict[np.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+
 def dtype_name(dtype: np.dtype) -> str:
-    """The stored name of a supported dtype (native byte order assumed)."""
-    return dtype.name if dtype.name in DTYPES else str(dtype)
+    """The stored name of a supported dtype (any byte order)."""
+    name = _NAMES.get(dtype)
+    return name if name is not None else _NAMES[dtype.newbyteorder("=")]
 
 
 def is_supported_dtype(dtype: np.dtype) -> bool:
-    return DTYPES.get(dtype.name) == dtype.newbyteorder("=")
+    # A dict lookup first: this runs once per leaf of every save.
+    return dtype in _NAMES or (dtype.byteorder == ">" and dtype.newbyteorder("=") in _NAMES)
 
 
 def dtype_from_name(name: object) -> np.dtype:
@@ -94,7 +99,7 @@ def dtype_from_name(name: object) -> np.dtype:
 
 def safetensors_layout(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[str, list[int]]:
     """The (dtype code, shape) under which an array is written in a safetensors file."""
-    code = SAFETENSORS_CODES.get(dtype.name)
+    code = SAFETENSORS_CODES.get(_NAMES.get(dtype, ""))
     if code is not None:
         return code, list(shape)
     return "U8", [*shape, dtype.itemsize]

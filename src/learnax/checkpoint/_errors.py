@@ -23,3 +23,11 @@ class LegacyPickleError(CheckpointError):
     not allowed. Unpickling runs code from the file: pass ``allow_pickle=True`` only for
     files you trust.
     """
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save that ran in the background (``async_save=True``) failed.
+
+    The failure is logged when it happens and raised from the next save,
+    ``wait_until_finished()`` or ``close()``. Checkpoints committed before are intact.
+    """

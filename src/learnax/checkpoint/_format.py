@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import secrets
 import time
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -41,6 +42,7 @@ from . import _tree
 from ._dtypes import dtype_from_name, dtype_name, safetensors_layout
 from ._errors import CheckpointCorruptedError
 from ._storage import LocalStorage
+from ._threads import IO_THREADS, parallel_map
 
 FORMAT = "learnax.checkpoint/1"
 MANIFEST = "manifest.json"
@@ -51,6 +53,9 @@ _PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 # safetensors itself refuses headers over 100 MB; so do we, before allocating.
 _MAX_HEADER = 100_000_000
 _MAX_MANIFEST = 1 << 30
+# A state smaller than this goes to one data file; larger ones are split over the
+# I/O threads, each file at least this large.
+MIN_FILE_BYTES = 16 << 20
 
 
 # --------------------------------------------------------------------------- write
@@ -107,8 +112,8 @@ class _Tensor:
     dtype: np.dtype
     shape: tuple[int, ...]
     nbytes: int
+    file: str = ""
     crc32: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def write_checkpoint(
@@ -123,20 +128,21 @@ def write_checkpoint(
 ) -> None:
     """Write and commit one checkpoint in ``directory`` (created if missing).
 
-    Returns once the checkpoint is durable and visible. Raises ``OSError`` on any I/O
-    failure, leaving the checkpoint that was committed there before untouched.
+    The arrays go to one or more data files written in parallel (one per I/O thread
+    for large states), each leaf streamed from its own buffer: no copy of the whole
+    state is made. Returns once the checkpoint is durable and visible. Raises
+    ``OSError`` on any I/O failure, leaving what was committed there before untouched.
     """
     new_directory = not storage.isdir(directory)
     storage.makedirs(directory)
-    previous = referenced_files(storage, directory)
     save_id = secrets.token_hex(8)
-    data_name = f"data-{save_id}.safetensors"
-
-    data_path = storage.join(directory, data_name)
+    tensors = [_describe(leaf) for leaf in leaves]
+    groups = _split_for_files(tensors)
+    names = [f"data-{save_id}-{i}.safetensors" for i in range(len(groups))]
     try:
-        tensors = [_describe(leaf) for leaf in leaves]
-        header = _safetensors_header(tensors)
-        size = storage.write_durable(data_path, _data_chunks(header, tensors))
+        jobs = [(storage.join(directory, n), g) for n, g in zip(names, groups, strict=True)]
+        infos = parallel_map(lambda job: _write_data_file(storage, *job), jobs)
+        files = dict(zip(names, infos, strict=True))
         body = {
             "format": FORMAT,
             "step": step,
@@ -144,8 +150,8 @@ def write_checkpoint(
             "metrics": metrics,
             **(extra or {}),
             "tree": tree,
-            "arrays": {t.leaf.name: _array_entry(t, data_name) for t in tensors},
-            "files": {data_name: {"bytes": size, "header_crc32": f"{zlib.crc32(header):08x}"}},
+            "arrays": {t.leaf.name: _array_entry(t) for t in tensors},
+            "files": files,
         }
         storage.replace_atomic(
             storage.join(directory, MANIFEST),
@@ -156,39 +162,67 @@ def write_checkpoint(
         # Nothing was committed: remove what this save wrote; whatever a crash leaves
         # instead, the next Checkpointer removes.
         try:
-            storage.remove(data_path)
+            for name in names:
+                storage.remove(storage.join(directory, name))
             if new_directory:
                 storage.rmtree(directory)
         except OSError:
             pass
         raise
-    for name in previous - {data_name}:
-        try:
-            storage.remove(storage.join(directory, name))
-        except OSError:  # committed already; the next Checkpointer cleans leftovers
-            pass
-
-
-def _array_entry(t: _Tensor, data_name: str) -> dict[str, Any]:
-    return {
-        "dtype": dtype_name(t.dtype),
-        "shape": list(t.shape),
-        **t.extra,
-        "shards": [{"file": data_name, "tensor": t.leaf.name, "crc32": f"{t.crc32:08x}"}],
-    }
+    # Committed: the previous save's files (and any leftovers) are garbage now.
+    for name in storage.listdir(directory):
+        if name != MANIFEST and name not in files:
+            try:
+                storage.remove(storage.join(directory, name))
+            except OSError:  # the next Checkpointer cleans leftovers
+                pass
 
 
 def _describe(leaf: _tree.ArrayLeaf) -> _Tensor:
     value = leaf.value
-    if leaf.kind == "key":
-        data = jax.random.key_data(value)
-        extra = {"kind": "key", "impl": leaf.impl}
-        dtype, shape = np.dtype(data.dtype), tuple(data.shape)
-    else:
-        extra = {"kind": "scalar"} if leaf.kind == "scalar" else {}
-        dtype, shape = np.dtype(value.dtype).newbyteorder("="), tuple(np.shape(value))
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    return _Tensor(leaf, dtype, shape, nbytes, extra=extra)
+    dtype = value.dtype
+    if dtype.byteorder == ">":
+        dtype = dtype.newbyteorder("=")  # written little-endian
+    return _Tensor(leaf, dtype, tuple(value.shape), int(value.nbytes))
+
+
+def _split_for_files(tensors: list[_Tensor]) -> list[list[_Tensor]]:
+    """Contiguous runs of leaves, one per data file. Large states are split so that
+    the I/O threads write (and later read) in parallel; tree order is kept, so that
+    reading a subtree reads neighbouring bytes."""
+    total = sum(t.nbytes for t in tensors)
+    count = max(1, min(IO_THREADS, total // MIN_FILE_BYTES))
+    groups: list[list[_Tensor]] = [[] for _ in range(count)]
+    done = 0
+    for t in tensors:
+        groups[min(count - 1, done * count // max(total, 1))].append(t)
+        done += t.nbytes
+    return [g for g in groups if g] or [[]]
+
+
+def _write_data_file(storage: LocalStorage, path: str, tensors: list[_Tensor]) -> dict[str, Any]:
+    header = _safetensors_header(tensors)
+    size = storage.write_durable(path, _data_chunks(header, tensors))
+    name = os.path.basename(path)
+    for t in tensors:
+        t.file = name
+    return {"bytes": size, "header_crc32": f"{zlib.crc32(header):08x}"}
+
+
+def _array_entry(t: _Tensor) -> dict[str, Any]:
+    # One shard (the whole array) is written inline; a sharded array would list
+    # "shards": [{"file", "tensor", "slice", "crc32"}, ...] instead.
+    entry: dict[str, Any] = {
+        "dtype": dtype_name(t.dtype),
+        "shape": list(t.shape),
+        "file": t.file,
+        "crc32": f"{t.crc32:08x}",
+    }
+    if t.leaf.kind != "array":
+        entry["kind"] = t.leaf.kind
+    if t.leaf.impl is not None:
+        entry["impl"] = t.leaf.impl
+    return entry
 
 
 def _safetensors_header(tensors: list[_Tensor]) -> bytes:
@@ -208,12 +242,10 @@ def _safetensors_header(tensors: list[_Tensor]) -> bytes:
 
 
 def _host_bytes(t: _Tensor) -> np.ndarray:
-    """The leaf's bytes as a flat uint8 view of host memory (copied only when the array
-    is on a device, non-contiguous or big-endian)."""
-    value = t.leaf.value
-    if t.leaf.kind == "key":
-        value = jax.random.key_data(value)
-    arr = np.asarray(value)
+    """The leaf's bytes as a flat uint8 view of host memory: no copy for a host array
+    (or a jax array on the CPU); one leaf's transfer for an array on an accelerator;
+    a copy only when the array is non-contiguous or big-endian."""
+    arr = np.asarray(t.leaf.value)
     if not arr.flags.c_contiguous or arr.dtype.byteorder == ">":
         arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
     return arr.reshape(-1).view(np.uint8)
@@ -233,15 +265,6 @@ def _manifest_bytes(body: dict[str, Any]) -> bytes:
     raw = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
     prefix = b'{"checksum":"crc32:%08x","manifest":' % zlib.crc32(raw)
     return prefix + raw + _MANIFEST_SUFFIX
-
-
-def referenced_files(storage: LocalStorage, directory: str) -> set[str]:
-    """Data files the committed manifest in ``directory`` points to; empty when there
-    is none or it cannot be read."""
-    try:
-        return set(read_manifest(storage, directory)["files"])
-    except (OSError, CheckpointCorruptedError):
-        return set()
 
 
 # --------------------------------------------------------------------------- read
@@ -317,7 +340,7 @@ def _validate_manifest(m: Any, path: str) -> None:
             raise bad(f"array {name!r}: invalid PRNG key")
         if kind == "scalar" and shape:
             raise bad(f"array {name!r}: a scalar with shape {shape}")
-        shards = a.get("shards")
+        shards = shards_of(name, a)
         if not (isinstance(shards, list) and shards):
             raise bad(f"array {name!r}: no shards")
         for s in shards:
@@ -364,49 +387,82 @@ def _shard_bounds(spec: Any, shape: list[int], where: str) -> tuple[slice, ...]:
     return tuple(out)
 
 
+def shards_of(name: str, entry: dict[str, Any]) -> Any:
+    """The shards of an array entry; an array stored whole is written inline."""
+    if "shards" in entry:
+        return entry["shards"]
+    return [{"file": entry.get("file"), "tensor": name, "crc32": entry.get("crc32")}]
+
+
+@dataclass
+class _Read:
+    """One tensor to read from a data file into ``view``, then verify."""
+
+    file: str
+    offset: int  # from the start of the file
+    view: np.ndarray  # flat uint8 view of the destination
+    crc32: str
+    tensor: str
+
+
 class CheckpointReader:
-    """Reads verified arrays of one committed checkpoint, opening each data file once."""
+    """Reads verified arrays of one committed checkpoint, in parallel, straight into
+    the arrays that are returned (no intermediate copies)."""
 
     def __init__(self, storage: LocalStorage, directory: str, manifest: dict[str, Any]):
         self.storage = storage
         self.directory = directory
         self.manifest = manifest
         self._headers: dict[str, tuple[int, dict[str, Any]]] = {}
+        self._arrays: dict[str, Any] = {}
 
     def array(self, name: str) -> Any:
-        """The array called ``name``: a numpy array, a numpy scalar or a typed PRNG key."""
-        info = self.manifest["arrays"].get(name)
-        if info is None:
-            raise CheckpointCorruptedError(
-                f"{self.storage.join(self.directory, MANIFEST)}: the tree refers to array "
-                f"{name!r}, which the manifest does not list"
-            )
-        dtype = dtype_from_name(info["dtype"])
-        shape = tuple(info["shape"])
-        shards = info["shards"]
-        for shard in shards:  # checks the files' real sizes before allocating
-            self._header(shard["file"])
-        out = np.empty(shape, dtype)
-        if len(shards) == 1 and "slice" not in shards[0]:
-            self._read_shard(shards[0], out, name)
-        else:
-            self._read_shards(shards, out, name)
-        kind = info.get("kind", "array")
-        if kind == "scalar":
-            return out[()]
-        if kind == "key":
-            return jax.random.wrap_key_data(out, impl=info["impl"])
-        return out
+        """The array called ``name``: a numpy array, a numpy scalar or a typed PRNG key.
+        Arrays read by :meth:`prefetch` are handed out from there."""
+        if name not in self._arrays:
+            self.prefetch([name])
+        return self._arrays.pop(name)
 
-    def _read_shards(self, shards: list[dict[str, Any]], out: np.ndarray, name: str) -> None:
+    def prefetch(self, names: list[str]) -> None:
+        """Read and verify the named arrays, spreading the reads over the I/O threads."""
+        reads: list[_Read] = []
+        assemble: list[tuple[np.ndarray, tuple[slice, ...], np.ndarray]] = []
+        outs: dict[str, np.ndarray] = {}
+        for name in dict.fromkeys(names):
+            info = self.manifest["arrays"][name]
+            shards = shards_of(name, info)
+            for shard in shards:  # checks the files' real sizes before allocating
+                self._header(shard["file"])
+            out = np.empty(tuple(info["shape"]), dtype_from_name(info["dtype"]))
+            outs[name] = out
+            if len(shards) == 1 and "slice" not in shards[0]:
+                reads.append(self._plan(shards[0], out))
+                continue
+            for shard, region in zip(shards, self._regions(name, shards, out), strict=True):
+                piece = np.empty(tuple(r.stop - r.start for r in region), out.dtype)
+                reads.append(self._plan(shard, piece))
+                assemble.append((out, region, piece))
+        reads.sort(key=lambda r: (r.file, r.offset))
+        parallel_map(self._read_group, _split_reads(reads))
+        for out, region, piece in assemble:
+            out[region] = piece
+        for name, out in outs.items():
+            info = self.manifest["arrays"][name]
+            kind = info.get("kind", "array")
+            if kind == "scalar":
+                self._arrays[name] = out[()]
+            elif kind == "key":
+                self._arrays[name] = jax.random.wrap_key_data(out, impl=info["impl"])
+            else:
+                self._arrays[name] = out
+
+    def _regions(
+        self, name: str, shards: list[dict[str, Any]], out: np.ndarray
+    ) -> list[tuple[slice, ...]]:
         where = f"{self.storage.join(self.directory, MANIFEST)}: array {name!r}"
-        regions = [
-            _shard_bounds(s.get("slice", [[0, d] for d in out.shape]), list(out.shape), where)
-            for s in shards
-        ]
-        volume = sum(
-            int(np.prod([r.stop - r.start for r in reg], dtype=np.int64)) for reg in regions
-        )
+        full = [[0, d] for d in out.shape]
+        regions = [_shard_bounds(s.get("slice", full), list(out.shape), where) for s in shards]
+        volume = sum(math.prod(r.stop - r.start for r in reg) for reg in regions)
         disjoint = all(
             any(a.stop <= b.start or b.stop <= a.start for a, b in zip(r1, r2, strict=True))
             for i, r1 in enumerate(regions)
@@ -414,12 +470,9 @@ class CheckpointReader:
         )
         if volume != out.size or not disjoint:
             raise CheckpointCorruptedError(f"{where}: shards do not tile the array exactly")
-        for shard, region in zip(shards, regions, strict=True):
-            piece = np.empty(tuple(r.stop - r.start for r in region), out.dtype)
-            self._read_shard(shard, piece, name)
-            out[region] = piece
+        return regions
 
-    def _read_shard(self, shard: dict[str, Any], out: np.ndarray, name: str) -> None:
+    def _plan(self, shard: dict[str, Any], out: np.ndarray) -> _Read:
         file = shard["file"]
         path = self.storage.join(self.directory, file)
         data_start, header = self._header(file)
@@ -446,13 +499,36 @@ class CheckpointReader:
                 f"{path}: tensor {shard['tensor']!r} has invalid offsets"
             )
         view = out.reshape(-1).view(np.uint8)
-        with self.storage.open_read(path) as f:
-            f.seek(data_start + offsets[0])
-            _read_exactly(f, memoryview(view), path)
-        if f"{zlib.crc32(view):08x}" != shard["crc32"]:
-            raise CheckpointCorruptedError(
-                f"{path}: checksum mismatch in tensor {shard['tensor']!r}, the data is damaged"
-            )
+        return _Read(file, data_start + offsets[0], view, shard["crc32"], shard["tensor"])
+
+    def _read_group(self, reads: list[_Read]) -> None:
+        fds: dict[str, int] = {}
+        try:
+            i = 0
+            while i < len(reads):
+                # Neighbouring tensors of one file are read with one preadv.
+                j = i + 1
+                while (
+                    j < len(reads)
+                    and j - i < 512
+                    and reads[j].file == reads[i].file
+                    and reads[j].offset == reads[j - 1].offset + reads[j - 1].view.nbytes
+                ):
+                    j += 1
+                file = reads[i].file
+                path = self.storage.join(self.directory, file)
+                if file not in fds:
+                    fds[file] = self.storage.open_fd(path)
+                _preadv_all(fds[file], [r.view for r in reads[i:j]], reads[i].offset, path)
+                for r in reads[i:j]:
+                    if f"{zlib.crc32(r.view):08x}" != r.crc32:
+                        raise CheckpointCorruptedError(
+                            f"{path}: checksum mismatch in tensor {r.tensor!r}, the data is damaged"
+                        )
+                i = j
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
     def _header(self, file: str) -> tuple[int, dict[str, Any]]:
         if file in self._headers:
@@ -467,18 +543,21 @@ class CheckpointReader:
             raise CheckpointCorruptedError(
                 f"{path}: size is {size} bytes, the manifest says {expected['bytes']} (truncated?)"
             )
-        with self.storage.open_read(path) as f:
-            prefix = bytearray(8)
-            _read_exactly(f, memoryview(prefix), path)
-            length = int.from_bytes(prefix, "little")
+        fd = self.storage.open_fd(path)
+        try:
+            prefix = np.empty(8, np.uint8)
+            _preadv_all(fd, [prefix], 0, path)
+            length = int.from_bytes(prefix.tobytes(), "little")
             if length > min(size - 8, _MAX_HEADER):
                 raise CheckpointCorruptedError(f"{path}: header length {length} exceeds the file")
-            raw = bytearray(length)
-            _read_exactly(f, memoryview(raw), path)
-        if f"{zlib.crc32(prefix + raw):08x}" != expected["header_crc32"]:
+            raw = np.empty(length, np.uint8)
+            _preadv_all(fd, [raw], 8, path)
+        finally:
+            os.close(fd)
+        if f"{zlib.crc32(raw, zlib.crc32(prefix)):08x}" != expected["header_crc32"]:
             raise CheckpointCorruptedError(f"{path}: header checksum mismatch, the file is damaged")
         try:
-            header = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+            header = json.loads(raw.tobytes(), object_pairs_hook=_no_duplicate_keys)
         except (ValueError, RecursionError) as e:
             raise CheckpointCorruptedError(f"{path}: invalid header ({e})") from None
         if not isinstance(header, dict):
@@ -487,9 +566,27 @@ class CheckpointReader:
         return self._headers[file]
 
 
-def _read_exactly(f: Any, view: memoryview, path: str) -> None:
-    while view:
-        n = f.readinto(view)
-        if not n:
+def _split_reads(reads: list[_Read]) -> list[list[_Read]]:
+    """Contiguous runs of reads of about equal bytes, one per I/O thread."""
+    total = sum(r.view.nbytes for r in reads)
+    count = max(1, min(IO_THREADS, total // MIN_FILE_BYTES))
+    groups: list[list[_Read]] = [[] for _ in range(count)]
+    done = 0
+    for r in reads:
+        groups[min(count - 1, done * count // max(total, 1))].append(r)
+        done += r.view.nbytes
+    return [g for g in groups if g]
+
+
+def _preadv_all(fd: int, views: list[np.ndarray], offset: int, path: str) -> None:
+    buffers = [memoryview(v) for v in views if v.nbytes]
+    while buffers:
+        n = os.preadv(fd, buffers, offset)
+        if n == 0:
             raise CheckpointCorruptedError(f"{path}: unexpected end of file (truncated?)")
-        view = view[n:]
+        offset += n
+        while buffers and n >= buffers[0].nbytes:
+            n -= buffers[0].nbytes
+            buffers = buffers[1:]
+        if buffers and n:
+            buffers[0] = buffers[0][n:]

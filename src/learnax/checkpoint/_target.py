@@ -27,22 +27,23 @@ except ImportError:  # pragma: no cover - private API moved
 
 
 def restore_into_target(
-    tree: _tree.Node, target: Any, read_node: Callable[[_tree.Node, _tree.KeyPath], Any]
+    tree: _tree.Node, target: Any, read_nodes: Callable[[list[_tree.Node]], list[Any]]
 ) -> Any:
     """Build a pytree shaped like ``target`` from the stored ``tree``.
 
-    ``read_node`` turns a stored node (found at a path) into its value, reading arrays.
-    Raises ``ValueError`` naming the leaf path on any mismatch.
+    ``read_nodes`` turns stored nodes into their values, reading their arrays (all in
+    one batch, so that the reads run in parallel). Raises ``ValueError`` naming the
+    leaf path on any mismatch.
     """
     saved, inner = _tree.index_tree(tree)
     flat, treedef = jtu.tree_flatten_with_path(target)
     wanted = [tuple(_tree.plain_key(k) for k in path) for path, _ in flat]
     prefix = _tree.find_prefix(saved, inner, wanted)
-    leaves = []
-    for (path, like), plain in zip(flat, wanted, strict=True):
-        node = saved[(*prefix, *plain)]
-        value = read_node(node, (*prefix, *plain))
-        leaves.append(_as_target_leaf(value, like, _tree.keystr(path)))
+    values = read_nodes([saved[(*prefix, *plain)] for plain in wanted])
+    leaves = [
+        _as_target_leaf(value, like, _tree.keystr(path))
+        for (path, like), value in zip(flat, values, strict=True)
+    ]
     return jtu.tree_unflatten(treedef, leaves)
 
 

@@ -40,7 +40,7 @@ class ArrayLeaf:
 
     name: str
     path: str  # readable tree path for messages, e.g. "['params']['w']"
-    value: Any  # numpy array, numpy scalar, jax.Array (typed PRNG keys included)
+    value: Any  # numpy array, numpy scalar or jax.Array (for a PRNG key: its key data)
     kind: str  # "array", "scalar" (a numpy scalar) or "key" (a typed PRNG key array)
     impl: str | None = None  # PRNG implementation name for kind == "key"
 
@@ -140,14 +140,15 @@ def _encode(x: Any, path: KeyPath, leaves: list[ArrayLeaf], used: set[str]) -> N
 
 def _add_leaf(x: Any, path: KeyPath, leaves: list[ArrayLeaf], used: set[str]) -> str:
     kind, impl = "array", None
-    dtype = x.dtype
-    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        # Stored as its key data (uint32); the implementation name rebuilds the key.
         kind, impl = "key", str(jax.random.key_impl(x))
+        x = jax.random.key_data(x)
     elif isinstance(x, np.generic):
         kind = "scalar"
-    if kind != "key" and not is_supported_dtype(np.dtype(dtype)):
+    if kind != "key" and not is_supported_dtype(x.dtype):
         raise TypeError(
-            f"Array at {keystr(path)} has dtype {dtype}, which learnax cannot save safely "
+            f"Array at {keystr(path)} has dtype {x.dtype}, which learnax cannot save safely "
             "(numeric, bool and ml_dtypes arrays only)."
         )
     name = _tensor_name(path, used)
@@ -236,6 +237,21 @@ def _decode(node: Node, get_array: ArrayGetter, path: KeyPath) -> Any:
         if sorted(result) == list(range(len(result))):
             return [result[i] for i in range(len(result))]
     return result
+
+
+def array_names(node: Node) -> list[str]:
+    """The names of the arrays in a (validated) stored subtree, in tree order."""
+    if node is None:
+        return []
+    tag = _tag(node, ())
+    value = node[tag]
+    if tag == "array":
+        return [value]
+    if tag in ("list", "tuple", "namedtuple"):
+        return [n for child in value for n in array_names(child)]
+    if tag in ("dict", "node"):
+        return [n for _, child in value for n in array_names(child)]
+    return []
 
 
 def _tag(node: Node, path: KeyPath) -> str:
