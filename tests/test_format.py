@@ -104,7 +104,7 @@ def test_manifest_lists_every_array_with_dtype_shape_file_and_checksum(make_chec
     assert "shards" not in w
     assert w["file"] in manifest["files"]
     data = np.asarray(small_state()["params"]["w"], dtype=np.float32)
-    assert w["crc32"] == "%08x" % zlib.crc32(data.tobytes())
+    assert w["crc32"] == f"{zlib.crc32(data.tobytes()):08x}"
 
 
 def test_manifest_files_record_the_byte_size_of_each_data_file(make_checkpointer):
