@@ -245,10 +245,26 @@ def _host_bytes(t: _Tensor) -> np.ndarray:
     """The leaf's bytes as a flat uint8 view of host memory: no copy for a host array
     (or a jax array on the CPU); one leaf's transfer for an array on an accelerator;
     a copy only when the array is non-contiguous or big-endian."""
-    arr = np.asarray(t.leaf.value)
+    arr = host_array(t.leaf.value)
     if not arr.flags.c_contiguous or arr.dtype.byteorder == ">":
         arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
     return arr.reshape(-1).view(np.uint8)
+
+
+def host_array(value: Any) -> np.ndarray:
+    """A jax array's value in host memory, shard by shard, without leaving a cached
+    host copy on the caller's array (``np.asarray`` would keep one for its lifetime:
+    after a save of a state on an accelerator, the host would hold the whole state).
+    On the CPU a single-device array is returned as a view, without copying."""
+    if not isinstance(value, jax.Array):
+        return np.asarray(value)
+    if value.is_fully_replicated:
+        return np.asarray(value.addressable_data(0))
+    out = np.empty(value.shape, value.dtype)
+    for shard in value.addressable_shards:
+        if shard.replica_id == 0:
+            out[shard.index] = np.asarray(shard.data)
+    return out
 
 
 def _data_chunks(header: bytes, tensors: list[_Tensor]) -> Iterator[memoryview | bytes]:
