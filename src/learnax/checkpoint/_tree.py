@@ -39,10 +39,15 @@ class ArrayLeaf:
     """One array of the tree: its tensor name in the data file and its value."""
 
     name: str
-    path: str  # readable tree path for messages, e.g. "['params']['w']"
+    keypath: KeyPath  # the jax key path, for messages
     value: Any  # numpy array, numpy scalar or jax.Array (for a PRNG key: its key data)
     kind: str  # "array", "scalar" (a numpy scalar) or "key" (a typed PRNG key array)
     impl: str | None = None  # PRNG implementation name for kind == "key"
+
+    @property
+    def path(self) -> str:
+        """The readable tree path, e.g. ``['params']['w']``."""
+        return keystr(self.keypath)
 
 
 def keystr(path: KeyPath) -> str:
@@ -75,11 +80,12 @@ def encode_tree(state: Any) -> tuple[Node, list[ArrayLeaf]]:
     """
     leaves: list[ArrayLeaf] = []
     used_names: set[str] = set()
-    node = _encode(state, (), leaves, used_names)
+    node = _encode(state, (), "", leaves, used_names)
     return node, leaves
 
 
-def _encode(x: Any, path: KeyPath, leaves: list[ArrayLeaf], used: set[str]) -> Node:
+def _encode(x: Any, path: KeyPath, name: str, leaves: list[ArrayLeaf], used: set[str]) -> Node:
+    # `name` is the tensor name of this subtree: its path keys joined with "/".
     if len(path) > MAX_DEPTH:
         raise ValueError(f"Train state is nested deeper than {MAX_DEPTH} levels at {keystr(path)}")
     if x is None:
@@ -95,7 +101,7 @@ def _encode(x: Any, path: KeyPath, leaves: list[ArrayLeaf], used: set[str]) -> N
     if isinstance(x, str):
         return {"str": x}
     if isinstance(x, (np.ndarray, np.generic, jax.Array)):
-        return {"array": _add_leaf(x, path, leaves, used)}
+        return {"array": _add_leaf(x, path, name, leaves, used)}
     if isinstance(x, dict):
         items = []
         for k, v in x.items():
@@ -104,13 +110,13 @@ def _encode(x: Any, path: KeyPath, leaves: list[ArrayLeaf], used: set[str]) -> N
                     f"Dict key {k!r} of type {type(k).__name__} at {keystr(path)} cannot be "
                     "saved: learnax stores dict keys that are str or int."
                 )
-            items.append([k, _encode(v, (*path, jtu.DictKey(k)), leaves, used)])
+            items.append([k, _encode(v, (*path, jtu.DictKey(k)), _child(name, k), leaves, used)])
         return {"dict": items}
     if isinstance(x, tuple) and _is_namedtuple_class(type(x)):
         cls = type(x)
         return {
             "namedtuple": [
-                _encode(v, (*path, jtu.GetAttrKey(f)), leaves, used)
+                _encode(v, (*path, jtu.GetAttrKey(f)), _child(name, f), leaves, used)
                 for f, v in zip(cls._fields, x, strict=True)
             ],
             "module": cls.__module__,
@@ -120,14 +126,18 @@ def _encode(x: Any, path: KeyPath, leaves: list[ArrayLeaf], used: set[str]) -> N
     if isinstance(x, (list, tuple)):
         kind = "list" if isinstance(x, list) else "tuple"
         return {
-            kind: [_encode(v, (*path, jtu.SequenceKey(i)), leaves, used) for i, v in enumerate(x)]
+            kind: [
+                _encode(v, (*path, jtu.SequenceKey(i)), _child(name, i), leaves, used)
+                for i, v in enumerate(x)
+            ]
         }
     flat = jtu.default_registry.flatten_one_level_with_keys(x)
     if flat is not None:
         children, _ = flat
         items = []
         for key, child in children:
-            items.append([plain_key(key), _encode(child, (*path, key), leaves, used)])
+            k = plain_key(key)
+            items.append([k, _encode(child, (*path, key), _child(name, k), leaves, used)])
         cls = type(x)
         return {"node": items, "type": f"{cls.__module__}.{cls.__qualname__}"}
     raise TypeError(
@@ -138,7 +148,7 @@ def _encode(x: Any, path: KeyPath, leaves: list[ArrayLeaf], used: set[str]) -> N
     )
 
 
-def _add_leaf(x: Any, path: KeyPath, leaves: list[ArrayLeaf], used: set[str]) -> str:
+def _add_leaf(x: Any, path: KeyPath, name: str, leaves: list[ArrayLeaf], used: set[str]) -> str:
     kind, impl = "array", None
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
         # Stored as its key data (uint32); the implementation name rebuilds the key.
@@ -151,14 +161,18 @@ def _add_leaf(x: Any, path: KeyPath, leaves: list[ArrayLeaf], used: set[str]) ->
             f"Array at {keystr(path)} has dtype {x.dtype}, which learnax cannot save safely "
             "(numeric, bool and ml_dtypes arrays only)."
         )
-    name = _tensor_name(path, used)
-    leaves.append(ArrayLeaf(name, keystr(path), x, kind, impl))
+    name = _unique_name(name, used)
+    leaves.append(ArrayLeaf(name, path, x, kind, impl))
     return name
 
 
-def _tensor_name(path: KeyPath, used: set[str]) -> str:
-    # Readable names, the ones a safetensors user sees: "params/Dense_0/kernel".
-    base = "/".join(str(plain_key(k)) for k in path) or "_"
+def _child(name: str, key: Any) -> str:
+    # Readable tensor names, the ones a safetensors user sees: "params/Dense_0/kernel".
+    return f"{name}/{key}" if name else str(key)
+
+
+def _unique_name(base: str, used: set[str]) -> str:
+    base = base or "_"
     name, n = base, 1
     while name in used or name == "__metadata__":
         n += 1
