@@ -28,6 +28,7 @@ import optax
 import pytest
 from conftest import assert_tree_equal, learnax_errors, numbered_steps, small_state
 
+import learnax
 from learnax.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError
 
 # float32 elements in 4 MB: big enough that the background write takes a while.
@@ -308,6 +309,7 @@ def _donating_train_step(state):
 @pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
 def test_state_donated_to_a_jitted_step_after_the_call_is_saved_as_it_was(make_async):
     ckpt = make_async()
+    _donating_train_step(big_jax_state())  # compiled now, so the step below runs at once
     state = big_jax_state()
     expected = host_copy(state)
     ckpt.save_checkpoint(state, step=1)
@@ -706,27 +708,43 @@ def exit_state() -> dict:
     }
 
 
-# Scripts that start an async save and then simply end: no wait, no close.
+# Scripts that start async saves and then simply end: no wait, no close. Each maps to
+# the checkpoints that must be committed once the script has exited.
 EXIT_SCRIPT_ENDINGS = {
-    "checkpointer-at-module-level": """
+    "checkpointer-at-module-level": (
+        """
 ckpt = Checkpointer(sys.argv[1], "run", async_save=True)
-print(ckpt.save_checkpoint(exit_state(), step=1))
+ckpt.save_checkpoint(exit_state(), step=1)
 """,
-    "checkpointer-gone-with-its-function": """
+        {"step_1"},
+    ),
+    "checkpointer-gone-with-its-function": (
+        """
 def train():
     ckpt = Checkpointer(sys.argv[1], "run", async_save=True)
-    print(ckpt.save_checkpoint(exit_state(), step=1))
+    ckpt.save_checkpoint(exit_state(), step=1)
 
 
 train()
 """,
+        {"step_1"},
+    ),
+    "latest-numbered-and-best-of-the-last-step": (
+        """
+ckpt = Checkpointer(
+    sys.argv[1], "run", save_every=1, checkpoint_every=1, keep_best=True, async_save=True
+)
+ckpt.maybe_save_checkpoints(exit_state(), 1, {"val/loss": 0.5})
+""",
+        {"latest", "step_1", "best"},
+    ),
 }
 
 
 @pytest.mark.parametrize(
-    "ending", list(EXIT_SCRIPT_ENDINGS.values()), ids=list(EXIT_SCRIPT_ENDINGS)
+    ("ending", "committed"), list(EXIT_SCRIPT_ENDINGS.values()), ids=list(EXIT_SCRIPT_ENDINGS)
 )
-def test_save_in_flight_at_interpreter_exit_is_committed(registry, ending):
+def test_saves_in_flight_at_interpreter_exit_are_committed(registry, ending, committed):
     script = "\n".join(
         [
             "import sys",
@@ -737,7 +755,8 @@ def test_save_in_flight_at_interpreter_exit_is_committed(registry, ending):
             ending,
         ]
     )
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    # The script imports the same learnax as this test.
+    src = str(Path(learnax.__file__).resolve().parents[1])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     done = subprocess.run(
@@ -751,5 +770,9 @@ def test_save_in_flight_at_interpreter_exit_is_committed(registry, ending):
     assert "Traceback" not in done.stderr, done.stderr
 
     ckpt = Checkpointer(registry, "run")
-    assert ckpt.list_available_checkpoints() == {"step_1": done.stdout.strip()}
-    assert_tree_equal(exit_state(), ckpt.load_checkpoint(1)["state"])
+    listing = ckpt.list_available_checkpoints()
+    assert set(listing) == committed
+    for path in listing.values():
+        loaded = ckpt.load_checkpoint(path)
+        assert loaded["step"] == 1
+        assert_tree_equal(exit_state(), loaded["state"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -46,10 +46,14 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     first exception is raised."""
     if len(items) <= 1:
         return [fn(x) for x in items]
-    try:
-        futures = [_get_pool().submit(fn, x) for x in items[1:]]
-    except RuntimeError:  # the interpreter is shutting down: finish in this thread
-        return [fn(x) for x in items]
+    futures: list[Future[R]] = []
+    for x in items[1:]:
+        try:
+            futures.append(_get_pool().submit(fn, x))
+        except RuntimeError:  # the interpreter is shutting down: run it in this thread
+            done: Future[R] = Future()
+            _run_into(done, fn, x)
+            futures.append(done)
     results: list[R] = []
     error: BaseException | None = None
     try:
@@ -64,3 +68,10 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     if error is not None:
         raise error
     return results
+
+
+def _run_into(future: Future[R], fn: Callable[[T], R], x: T) -> None:
+    try:
+        future.set_result(fn(x))
+    except BaseException as e:
+        future.set_exception(e)
