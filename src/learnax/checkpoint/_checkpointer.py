@@ -694,10 +694,15 @@ class Checkpointer:
             reader.prefetch([name for node in nodes for name in _tree.array_names(node)])
             return [_tree.decode_tree(node, reader.array) for node in nodes]
 
-        if target is None:
-            state = read_nodes([manifest["tree"]])[0]
-        else:
-            state = restore_into_target(manifest["tree"], target, read_nodes)
+        try:
+            if target is None:
+                state = read_nodes([manifest["tree"]])[0]
+            else:
+                state = restore_into_target(manifest["tree"], target, read_nodes)
+        except (_tree.MalformedTreeError, RecursionError) as e:
+            raise CheckpointCorruptedError(
+                f"{os.path.join(directory, _format.MANIFEST)}: invalid tree: {e}"
+            ) from None
         return {
             "state": state,
             "step": manifest["step"],

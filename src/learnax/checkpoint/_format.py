@@ -33,6 +33,7 @@ import time
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import jax
@@ -336,55 +337,59 @@ def _validate_manifest(m: Any, path: str) -> None:
             raise bad(f"invalid entry for {name}")
         if not (isinstance(info.get("header_crc32"), str) and len(info["header_crc32"]) == 8):
             raise bad(f"invalid header checksum for {name}")
-    arrays = m.get("arrays")
-    if not isinstance(arrays, dict):
+    if not isinstance(m.get("arrays"), dict):
         raise bad("'arrays' is not an object")
-    for name, a in arrays.items():
-        if not isinstance(a, dict):
-            raise bad(f"invalid entry for array {name!r}")
-        try:
-            dtype = dtype_from_name(a.get("dtype"))
-        except ValueError as e:
-            raise bad(f"array {name!r}: {e}") from None
-        shape = a.get("shape")
-        if not (isinstance(shape, list) and len(shape) <= 64 and all(_is_count(d) for d in shape)):
-            raise bad(f"array {name!r}: invalid shape {shape!r}")
-        kind = a.get("kind", "array")
-        if kind not in ("array", "scalar", "key"):
-            raise bad(f"array {name!r}: unknown kind {kind!r}")
-        if kind == "key" and (a.get("impl") not in _PRNG_IMPLS or dtype != np.uint32):
-            raise bad(f"array {name!r}: invalid PRNG key")
-        if kind == "scalar" and shape:
-            raise bad(f"array {name!r}: a scalar with shape {shape}")
-        shards = shards_of(name, a)
-        if not (isinstance(shards, list) and shards):
-            raise bad(f"array {name!r}: no shards")
-        for s in shards:
-            if not (
-                isinstance(s, dict) and s.get("file") in files and isinstance(s.get("tensor"), str)
-            ):
-                raise bad(f"array {name!r}: invalid shard {s!r:.200}")
-            if not (isinstance(s.get("crc32"), str) and len(s["crc32"]) == 8):
-                raise bad(f"array {name!r}: invalid shard checksum")
-            if "slice" in s:
-                _shard_bounds(s["slice"], shape, f"{path}: array {name!r}")
-        # Bound every allocation a load makes by the size of the files it reads.
-        nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes > sum(files[f]["bytes"] for f in {s["file"] for s in shards}):
-            raise bad(f"array {name!r}: shape {shape} needs more bytes than its data files hold")
-    metrics = m.get("metrics")
-    if not isinstance(metrics, dict):
+    if not isinstance(m.get("metrics"), dict):
         raise bad("'metrics' is not an object")
+    # Array entries are checked as they are read (check_array_entry), the tree as it
+    # is rebuilt: one pass over each instead of two.
 
-    def known_array(name: str) -> str:
-        if name not in arrays:
-            raise ValueError(f"the tree refers to array {name!r}, which is not listed")
-        return name
 
-    try:  # a dry run of the rebuild: every later step can trust the structure
-        _tree.decode_tree(m.get("tree"), known_array)
-    except (ValueError, RecursionError) as e:
-        raise bad(f"invalid tree: {e}") from None
+def check_array_entry(
+    manifest: dict[str, Any], name: str, where: str
+) -> tuple[np.dtype, list[Any]]:
+    """The dtype and shards of array ``name``, checked: a known dtype, a sane shape, and
+    no more bytes than its data files hold (which bounds every allocation a load makes
+    by the size of the files it reads)."""
+
+    def bad(what: str) -> CheckpointCorruptedError:
+        return CheckpointCorruptedError(f"{where}: array {name!r}: {what}")
+
+    a = manifest["arrays"].get(name)
+    if not isinstance(a, dict):
+        raise bad("missing or invalid entry")
+    try:
+        dtype = dtype_from_name(a.get("dtype"))
+    except ValueError as e:
+        raise bad(str(e)) from None
+    shape = a.get("shape")
+    if not (isinstance(shape, list) and len(shape) <= 64 and all(_is_count(d) for d in shape)):
+        raise bad(f"invalid shape {shape!r:.200}")
+    kind = a.get("kind", "array")
+    if kind not in ("array", "scalar", "key"):
+        raise bad(f"unknown kind {kind!r:.100}")
+    if kind == "key" and (a.get("impl") not in _PRNG_IMPLS or dtype != np.uint32):
+        raise bad("invalid PRNG key")
+    if kind == "scalar" and shape:
+        raise bad(f"a scalar with shape {shape}")
+    shards = shards_of(name, a)
+    files = manifest["files"]
+    if not (isinstance(shards, list) and shards):
+        raise bad("no shards")
+    for s in shards:
+        if not (
+            isinstance(s, dict) and s.get("file") in files and isinstance(s.get("tensor"), str)
+        ):
+            raise bad(f"invalid shard {s!r:.200}")
+        if not (isinstance(s.get("crc32"), str) and len(s["crc32"]) == 8):
+            raise bad("invalid shard checksum")
+        if "slice" in s:
+            _shard_bounds(s["slice"], shape, f"{where}: array {name!r}")
+    if math.prod(shape) * dtype.itemsize > sum(
+        files[f]["bytes"] for f in {s["file"] for s in shards}
+    ):
+        raise bad(f"shape {shape} needs more bytes than its data files hold")
+    return dtype, shards
 
 
 def _is_count(x: Any) -> bool:
@@ -444,12 +449,12 @@ class CheckpointReader:
         reads: list[_Read] = []
         assemble: list[tuple[np.ndarray, tuple[slice, ...], np.ndarray]] = []
         outs: dict[str, np.ndarray] = {}
+        where = self.storage.join(self.directory, MANIFEST)
         for name in dict.fromkeys(names):
-            info = self.manifest["arrays"][name]
-            shards = shards_of(name, info)
+            dtype, shards = check_array_entry(self.manifest, name, where)
             for shard in shards:  # checks the files' real sizes before allocating
                 self._header(shard["file"])
-            out = np.empty(tuple(info["shape"]), dtype_from_name(info["dtype"]))
+            out = np.empty(tuple(self.manifest["arrays"][name]["shape"]), dtype)
             outs[name] = out
             if len(shards) == 1 and "slice" not in shards[0]:
                 reads.append(self._plan(shards[0], out))
@@ -458,7 +463,7 @@ class CheckpointReader:
                 piece = np.empty(tuple(r.stop - r.start for r in region), out.dtype)
                 reads.append(self._plan(shard, piece))
                 assemble.append((out, region, piece))
-        reads.sort(key=lambda r: (r.file, r.offset))
+        reads.sort(key=attrgetter("file", "offset"))
         parallel_map(self._read_group, _split_reads(reads))
         for out, region, piece in assemble:
             out[region] = piece

@@ -34,6 +34,11 @@ KeyPath = tuple[Any, ...]
 Node = Any  # JSON value describing a subtree
 
 
+class MalformedTreeError(ValueError):
+    """A stored tree structure that is not well formed (the caller turns it into
+    ``CheckpointCorruptedError`` naming the file)."""
+
+
 @dataclass
 class ArrayLeaf:
     """One array of the tree: its tensor name in the data file and its value."""
@@ -220,7 +225,7 @@ def decode_tree(node: Node, get_array: ArrayGetter) -> Any:
 
 def _decode(node: Node, get_array: ArrayGetter, path: KeyPath) -> Any:
     if len(path) > MAX_DEPTH:
-        raise ValueError(f"tree nested deeper than {MAX_DEPTH} levels at {keystr(path)}")
+        raise MalformedTreeError(f"tree nested deeper than {MAX_DEPTH} levels at {keystr(path)}")
     if node is None:
         return None
     tag = _tag(node, path)
@@ -242,7 +247,7 @@ def _decode(node: Node, get_array: ArrayGetter, path: KeyPath) -> Any:
             for f, c in zip(cls._fields, _expect(value, list, path), strict=False)
         ]
         if len(children) != len(cls._fields) or len(value) != len(cls._fields):
-            raise ValueError(f"NamedTuple at {keystr(path)} has the wrong number of fields")
+            raise MalformedTreeError(f"NamedTuple at {keystr(path)} has the wrong number of fields")
         return cls(*children)
     # "dict" or "node": pairs of key and child
     items = _pairs(value, path)
@@ -254,32 +259,41 @@ def _decode(node: Node, get_array: ArrayGetter, path: KeyPath) -> Any:
 
 
 def array_names(node: Node) -> list[str]:
-    """The names of the arrays in a (validated) stored subtree, in tree order."""
+    """The names of the arrays in a stored subtree, in tree order."""
+    names: list[str] = []
+    _collect_array_names(node, (), names)
+    return names
+
+
+def _collect_array_names(node: Node, path: KeyPath, names: list[str]) -> None:
+    if len(path) > MAX_DEPTH:
+        raise MalformedTreeError(f"tree nested deeper than {MAX_DEPTH} levels at {keystr(path)}")
     if node is None:
-        return []
-    tag = _tag(node, ())
+        return
+    tag = _tag(node, path)
     value = node[tag]
     if tag == "array":
-        return [value]
-    if tag in ("list", "tuple", "namedtuple"):
-        return [n for child in value for n in array_names(child)]
-    if tag in ("dict", "node"):
-        return [n for _, child in value for n in array_names(child)]
-    return []
+        names.append(_expect(value, str, path))
+    elif tag in ("list", "tuple", "namedtuple"):
+        for i, child in enumerate(_expect(value, list, path)):
+            _collect_array_names(child, (*path, jtu.SequenceKey(i)), names)
+    elif tag in ("dict", "node"):
+        for key, child in _pairs(value, path):
+            _collect_array_names(child, (*path, jtu.DictKey(key)), names)
 
 
 def _tag(node: Node, path: KeyPath) -> str:
     if not isinstance(node, dict):
-        raise ValueError(f"malformed tree node at {keystr(path)}: {type(node).__name__}")
+        raise MalformedTreeError(f"malformed tree node at {keystr(path)}: {type(node).__name__}")
     for tag in ("array", "dict", "list", "tuple", "namedtuple", "node", *_SCALAR_TAGS):
         if tag in node:
             return tag
-    raise ValueError(f"unknown tree node at {keystr(path)}: keys {sorted(node)[:5]}")
+    raise MalformedTreeError(f"unknown tree node at {keystr(path)}: keys {sorted(node)[:5]}")
 
 
 def _expect(value: Any, kind: type, path: KeyPath) -> Any:
     if not isinstance(value, kind):
-        raise ValueError(f"malformed tree node at {keystr(path)}")
+        raise MalformedTreeError(f"malformed tree node at {keystr(path)}")
     return value
 
 
@@ -288,10 +302,10 @@ def _pairs(value: Any, path: KeyPath) -> list[tuple[Any, Node]]:
     seen = set()
     for item in _expect(value, list, path):
         if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], (str, int))):
-            raise ValueError(f"malformed dict entry at {keystr(path)}")
+            raise MalformedTreeError(f"malformed dict entry at {keystr(path)}")
         key = item[0]
         if key in seen:
-            raise ValueError(f"duplicate dict key {key!r} at {keystr(path)}")
+            raise MalformedTreeError(f"duplicate dict key {key!r} at {keystr(path)}")
         seen.add(key)
         pairs.append((key, item[1]))
     return pairs
@@ -303,14 +317,17 @@ def _decode_scalar(tag: str, value: Any, path: KeyPath) -> Any:
         return _expect(value, bool, path)
     if tag == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}: expected an int")
+            raise MalformedTreeError(f"{where}: expected an int")
         return value
-    if tag == "float":
-        return decode_float(value, where)
-    if tag == "complex":
-        if not (isinstance(value, list) and len(value) == 2):
-            raise ValueError(f"{where}: expected [real, imag]")
-        return complex(decode_float(value[0], where), decode_float(value[1], where))
+    try:
+        if tag == "float":
+            return decode_float(value, where)
+        if tag == "complex":
+            if not (isinstance(value, list) and len(value) == 2):
+                raise ValueError(f"{where}: expected [real, imag]")
+            return complex(decode_float(value[0], where), decode_float(value[1], where))
+    except ValueError as e:
+        raise MalformedTreeError(str(e)) from None
     return _expect(value, str, path)
 
 
@@ -322,13 +339,13 @@ def _namedtuple_class(node: Mapping[str, Any], path: KeyPath) -> type:
     """
     module, qualname, fields = node.get("module"), node.get("class"), node.get("fields")
     if not (isinstance(module, str) and isinstance(qualname, str) and isinstance(fields, list)):
-        raise ValueError(f"malformed NamedTuple at {keystr(path)}")
+        raise MalformedTreeError(f"malformed NamedTuple at {keystr(path)}")
     if not all(
         isinstance(f, str) and f.isidentifier() and not keyword.iskeyword(f) for f in fields
     ):
-        raise ValueError(f"NamedTuple at {keystr(path)} has invalid field names")
+        raise MalformedTreeError(f"NamedTuple at {keystr(path)} has invalid field names")
     if len(set(fields)) != len(fields) or any(f.startswith("_") for f in fields):
-        raise ValueError(f"NamedTuple at {keystr(path)} has invalid field names")
+        raise MalformedTreeError(f"NamedTuple at {keystr(path)} has invalid field names")
     obj: Any = sys.modules.get(module)
     for part in qualname.split("."):
         if obj is None:
@@ -363,7 +380,7 @@ def index_tree(node: Node) -> tuple[dict[KeyPath, Node], list[KeyPath]]:
     while stack:
         path, n, canonical = stack.pop()
         if len(path) > MAX_DEPTH:
-            raise ValueError(f"tree nested deeper than {MAX_DEPTH} levels")
+            raise MalformedTreeError(f"tree nested deeper than {MAX_DEPTH} levels")
         values[path] = n
         if n is None:
             continue
