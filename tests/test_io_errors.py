@@ -144,3 +144,31 @@ def test_registry_path_through_a_regular_file_raises_os_error_at_construction(tm
     with pytest.raises(OSError):
         Checkpointer(str(blocker / "registry"), "run")
     assert blocker.read_text() == "a file where a directory should be"
+
+
+def test_failure_of_an_early_flush_while_writing_a_large_state_fails_the_save(
+    make_checkpointer, monkeypatch, caplog
+):
+    """A state of tens of MB is flushed to disk by a helper thread while it is still
+    being written; an I/O error there fails the save like one in the final fsync."""
+    import numpy as np
+
+    ckpt = make_checkpointer()
+    # 96 MiB in 24 leaves: written in batches, flushed between them.
+    big = {f"w{i}": np.full(1 << 20, i, dtype=np.float32) for i in range(24)}
+    before = ckpt.save_checkpoint(small_state(1), step=1)
+    flushes = []
+
+    def failing_fdatasync(fd):
+        flushes.append(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
+    with caplog.at_level(logging.WARNING, logger="learnax"):
+        assert ckpt.save_checkpoint(big, step=2) is None
+    assert flushes, "the early flush never ran: the state is too small to test it"
+    assert "Input/output error" in " ".join(r.getMessage() for r in learnax_errors(caplog))
+    assert ckpt.list_available_checkpoints() == {"step_1": before}
+    monkeypatch.undo()
+    assert ckpt.save_checkpoint(big, step=2) is not None
+    assert_tree_equal(big, ckpt.load_checkpoint(2)["state"])
