@@ -28,6 +28,7 @@ from . import _format, _legacy, _tree
 from ._errors import CheckpointCorruptedError, CheckpointSaveError, LegacyPickleError
 from ._storage import LocalStorage
 from ._target import restore_into_target
+from ._threads import gc_paused
 
 logger = logging.getLogger("learnax")
 
@@ -234,8 +235,8 @@ class Checkpointer:
         ```
         """
         step = _as_step(step)
-        due_latest = bool(self.save_every) and step % self.save_every == 0
-        due_numbered = bool(self.checkpoint_every) and step % self.checkpoint_every == 0
+        due_latest = self.should_save_latest(step)
+        due_numbered = self.should_save_numbered(step)
         due_best = self.keep_best and bool(metrics) and self.metric_name in metrics
         if not (due_latest or due_numbered or due_best):
             return {}
@@ -359,6 +360,7 @@ class Checkpointer:
         metrics = metrics or {self.metric_name: _tree.encode_float(value)}
         return _Write("best", _PREFIX + "best", metrics, extra=extra, best_value=value)
 
+    @gc_paused()
     def _save_all(self, train_state: Any, step: int, writes: list[_Write]) -> dict[str, str | None]:
         """Write each of ``writes`` from one snapshot of ``train_state``: now, or with
         ``async_save`` in the background. Returns the path of each by its key (``None``
@@ -408,6 +410,7 @@ class Checkpointer:
             self._apply_retention()
         return directory
 
+    @gc_paused()
     def _write_in_background(
         self, tree: Any, leaves: list[Any], step: int, writes: list[_Write]
     ) -> None:
@@ -680,6 +683,7 @@ class Checkpointer:
             return _legacy.load_legacy(legacy, allow_pickle)
         return self._load_dir(path, target)
 
+    @gc_paused()
     def _load_dir(self, directory: str, target: Any) -> dict[str, Any] | None:
         # A concurrent save may replace the manifest and delete the data files between
         # our reads; then the new manifest is read again.
