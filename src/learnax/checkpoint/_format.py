@@ -24,6 +24,7 @@ save), each a tensor of its own with the slice of the array it holds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -164,9 +165,15 @@ def write_checkpoint(
             for t in tensors:
                 t.data = _host_bytes(t)
             join = run_in_background(lambda job: _write_data_file(storage, *job), jobs)
-            for t in tensors:
-                t.crc32 = zlib.crc32(t.data)
-            manifest = _manifest_bytes(_manifest_body(tree, tensors, files, step, metrics, extra))
+            try:
+                for t in tensors:
+                    t.crc32 = zlib.crc32(t.data)
+                body = _manifest_body(tree, tensors, files, step, metrics, extra)
+                manifest = _manifest_bytes(body)
+            except BaseException:
+                with contextlib.suppress(BaseException):  # the writers must stop first
+                    join()
+                raise
             sizes = join()
         else:
             # Arrays on accelerators are fetched one at a time while writing, and
