@@ -14,6 +14,8 @@ import math
 import operator
 import os
 import re
+import signal
+import threading
 import warnings
 import weakref
 from collections.abc import Callable
@@ -76,6 +78,27 @@ def _snapshot(leaves: list[_tree.ArrayLeaf]) -> None:
             leaf.value = copy
 
 
+# Set by the SIGTERM handler that save_on_preemption installs (once per process).
+_SIGTERM_RECEIVED = threading.Event()
+_SIGTERM_WATCHED = False
+
+
+def _watch_sigterm() -> None:
+    """Make SIGTERM (what schedulers send before preempting) set a flag instead of
+    killing the process. The handler only sets an Event: logging or I/O inside a
+    signal handler could deadlock."""
+    global _SIGTERM_WATCHED
+    if _SIGTERM_WATCHED:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError(
+            "save_on_preemption=True must be set up in the main thread (Python only "
+            "installs signal handlers there)."
+        )
+    signal.signal(signal.SIGTERM, lambda signum, frame: _SIGTERM_RECEIVED.set())
+    _SIGTERM_WATCHED = True
+
+
 # Checkpointers with a background thread, flushed when the interpreter exits.
 _PENDING_AT_EXIT: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
 
@@ -118,6 +141,11 @@ class Checkpointer:
       thread; at most one save is in flight. See :meth:`wait_until_finished`.
     - `keep_period`: numbered checkpoints whose step is a multiple of it are kept
       forever and do not count toward ``max_to_keep``.
+    - `save_on_preemption`: after a SIGTERM, the next :meth:`maybe_save_checkpoints`
+      saves ``latest`` whatever the interval, waits until it is committed, and sets
+      ``reached_preemption`` so that the loop can stop. The SIGTERM handler replaces the
+      default one (which would kill the process at once). On multi-host runs all
+      processes agree on the step through JAX's preemption sync point.
 
     **Example:**
 
@@ -147,6 +175,7 @@ class Checkpointer:
         *,
         async_save: bool = False,
         keep_period: int | None = None,
+        save_on_preemption: bool = False,
     ) -> None:
         registry_path = os.fspath(registry_path)
         if "://" in registry_path:
@@ -180,6 +209,13 @@ class Checkpointer:
         self._in_flight: Future[None] | None = None
         self._failure: BaseException | None = None
         self._closed = False
+        self.save_on_preemption = bool(save_on_preemption)
+        self.reached_preemption = False
+        self._multihost = False
+        if self.save_on_preemption:
+            self._multihost = jax.process_count() > 1
+            if not self._multihost:
+                _watch_sigterm()
         self._storage = LocalStorage()
         self._storage.makedirs(self.checkpoint_dir)
         self.best_metric_value: float = math.inf if self.minimize_metric else -math.inf
@@ -235,7 +271,8 @@ class Checkpointer:
         ```
         """
         step = _as_step(step)
-        due_latest = self.should_save_latest(step)
+        preempted = self.save_on_preemption and self._preemption_due(step)
+        due_latest = preempted or self.should_save_latest(step)
         due_numbered = self.should_save_numbered(step)
         due_best = self.keep_best and bool(metrics) and self.metric_name in metrics
         if not (due_latest or due_numbered or due_best):
@@ -252,7 +289,28 @@ class Checkpointer:
             if best is not None:
                 writes.append(best)
         saved = self._save_all(train_state, step, writes)
+        if preempted:
+            logger.warning("Preemption: saved latest at step %d; stop the training loop.", step)
+            self.reached_preemption = True
+            self._finish_in_flight()  # the process is about to end: commit it now
         return {key: path for key, path in saved.items() if path is not None}
+
+    def _preemption_due(self, step: int) -> bool:
+        if self.reached_preemption:
+            return False
+        if self._multihost:
+            # Every process gets the same answer for the same step.
+            from jax.experimental import multihost_utils
+
+            try:
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except RuntimeError as e:  # jax.distributed without its preemption service
+                logger.warning(
+                    "JAX's preemption sync point is unavailable (%s); watching SIGTERM", e
+                )
+                self._multihost = False
+                _watch_sigterm()
+        return _SIGTERM_RECEIVED.is_set()
 
     # ----------------------------------------------------------------- saving
 
