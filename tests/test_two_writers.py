@@ -1,0 +1,91 @@
+"""Two processes writing one run. learnax makes them safe rather than refusing the
+second: every save, deletion and start-up cleanup holds an exclusive lock on the run,
+each checkpoint is committed atomically, and the kernel drops the lock of a process
+that dies, so a dead writer never blocks the next one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+from conftest import assert_tree_equal
+
+from learnax.checkpoint import Checkpointer
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from learnax.checkpoint import Checkpointer
+
+    registry, writer = sys.argv[1], int(sys.argv[2])
+    ckpt = Checkpointer(registry, "run", save_every=1, checkpoint_every=3, max_to_keep=4)
+    for step in range(writer, 60, 2):  # writer 0 saves even steps, writer 1 odd ones
+        state = {"w": np.random.default_rng(step).standard_normal(200_000).astype(np.float32)}
+        ckpt.maybe_save_checkpoints(state, step)
+    """
+)
+
+
+def state_of(step: int) -> dict:
+    return {"w": np.random.default_rng(step).standard_normal(200_000).astype(np.float32)}
+
+
+def test_two_processes_saving_one_run_leave_only_whole_checkpoints(registry):
+    writers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, registry, str(i)], stderr=subprocess.PIPE)
+        for i in range(2)
+    ]
+    for w in writers:
+        _, err = w.communicate(timeout=300)
+        assert w.returncode == 0, err.decode()
+
+    ckpt = Checkpointer(registry, "run")
+    listed = ckpt.list_available_checkpoints()
+    assert "latest" in listed and any(k.startswith("step_") for k in listed)
+    for name in listed:
+        loaded = ckpt.load_checkpoint(name.removeprefix("step_"))
+        assert_tree_equal(state_of(loaded["step"]), loaded["state"])
+    for entry in os.listdir(ckpt.checkpoint_dir):
+        if entry.startswith("state_"):
+            assert os.path.isfile(os.path.join(ckpt.checkpoint_dir, entry, "manifest.json"))
+
+
+HOLD_LOCK = textwrap.dedent(
+    """
+    import fcntl, os, sys, time
+    fd = os.open(os.path.join(sys.argv[1], ".learnax.lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_a_lock_left_by_a_killed_process_does_not_block_the_next_save(registry):
+    ckpt = Checkpointer(registry, "run")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, ckpt.checkpoint_dir], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = {}
+        saver = threading.Thread(
+            target=lambda: result.setdefault("path", ckpt.save_checkpoint(state_of(1), step=1))
+        )
+        saver.start()
+        saver.join(timeout=1.0)
+        assert saver.is_alive(), "the save did not wait for the lock held by the other process"
+        holder.send_signal(signal.SIGKILL)
+        saver.join(timeout=60)  # a hang guard, not a measurement
+        assert not saver.is_alive(), "the save still waits for the lock of a dead process"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result["path"] is not None
+    assert_tree_equal(state_of(1), ckpt.load_checkpoint(1)["state"])
