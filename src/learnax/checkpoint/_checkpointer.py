@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import logging
 import math
-import operator
 import os
 import re
 import signal
@@ -231,7 +230,7 @@ class Checkpointer:
 
         **Returns:** ``True`` when ``save_every`` is set and divides ``step``.
         """
-        return bool(self.save_every) and operator.index(step) % self.save_every == 0
+        return bool(self.save_every) and _as_step(step) % self.save_every == 0
 
     def should_save_numbered(self, step: int) -> bool:
         """Whether ``step`` is due for a numbered checkpoint.
@@ -240,7 +239,7 @@ class Checkpointer:
 
         **Returns:** ``True`` when ``checkpoint_every`` is set and divides ``step``.
         """
-        return bool(self.checkpoint_every) and operator.index(step) % self.checkpoint_every == 0
+        return bool(self.checkpoint_every) and _as_step(step) % self.checkpoint_every == 0
 
     def maybe_save_checkpoints(
         self, train_state: Any, step: int, metrics: dict[str, float] | None = None
@@ -460,6 +459,9 @@ class Checkpointer:
                 e,
             )
             write.error = e
+            if isinstance(e, _format.VisibleNotDurableError) and write.best_value is not None:
+                # state_best is the new one now: never let a worse value replace it.
+                self.best_metric_value = write.best_value
             return None
         logger.debug("Saved checkpoint %s (step %d)", directory, step)
         if write.best_value is not None:
@@ -658,8 +660,10 @@ class Checkpointer:
                 f"path_or_index must be an int or a str, got {type(path_or_index).__name__}"
             )
         text = os.fspath(path_or_index)
-        if "/" in text or os.sep in text or text.endswith(_legacy.SUFFIX):
+        if "/" in text or os.sep in text:
             return self._load_path(text, target, allow_pickle)
+        if text.endswith(_legacy.SUFFIX):  # a legacy file of this run, by its name
+            text = text[: -len(_legacy.SUFFIX)]
         name = text[len(_PREFIX) :] if text.startswith(_PREFIX) else text
         if (
             name.startswith("step_") and name[len("step_") :].isdigit()
@@ -919,13 +923,14 @@ def _as_step(step: Any) -> int:
 
 
 def _metric_float(value: Any, name: str) -> float:
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"Metric {name!r} must be a number, got {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
     if isinstance(value, (np.ndarray, np.generic, jax.Array)) and np.shape(value) == ():
-        return float(np.asarray(value))
-    raise TypeError(f"Metric {name!r} must be a scalar number, got {type(value).__name__}")
+        value = np.asarray(value).item()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            pass
+    raise TypeError(f"Metric {name!r} must be a real scalar number to compare, got {value!r:.80}")
 
 
 def _checked_suffix(suffix: Any) -> str:

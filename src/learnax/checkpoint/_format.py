@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
 import secrets
+import sys
 import time
 import zlib
 from collections.abc import Iterator, Mapping
@@ -46,6 +48,8 @@ from ._errors import CheckpointCorruptedError
 from ._storage import LocalStorage
 from ._threads import IO_THREADS, parallel_map, run_in_background
 
+logger = logging.getLogger("learnax")
+
 FORMAT = "learnax.checkpoint/1"
 MANIFEST = "manifest.json"
 _MANIFEST_PREFIX = re.compile(rb'\A\{"checksum":"crc32:([0-9a-f]{8})","manifest":')
@@ -55,6 +59,10 @@ _PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 # safetensors itself refuses headers over 100 MB; so do we, before allocating.
 _MAX_HEADER = 100_000_000
 _MAX_MANIFEST = 1 << 30
+# Trees are at most _tree.MAX_DEPTH deep; JSON a little more (manifest framing).
+_MAX_JSON_DEPTH = 2 * _tree.MAX_DEPTH + 16
+_SAFE_RECURSION_LIMIT = 5_000
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 # A state smaller than this goes to one data file; larger ones are split over the
 # I/O threads, each file at least this large.
 MIN_FILE_BYTES = 64 << 20
@@ -79,7 +87,9 @@ def encode_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _encode_metric(key: str, value: Any) -> Any:
-    if isinstance(value, (bool, int)):
+    if isinstance(value, bool) or (
+        isinstance(value, int) and -_tree._MAX_INT < value < _tree._MAX_INT
+    ):
         return value
     if isinstance(value, float):
         return _tree.encode_float(value)
@@ -106,6 +116,11 @@ def decode_metrics(raw: Any, where: str) -> dict[str, Any]:
             except ValueError as e:
                 raise CheckpointCorruptedError(str(e)) from None
     return out
+
+
+class VisibleNotDurableError(OSError):
+    """The checkpoint was renamed into place (visible, whole) but the fsync of its
+    directory failed, so a power cut could still undo it."""
 
 
 @dataclass
@@ -137,7 +152,6 @@ def write_checkpoint(
     ``OSError`` on any I/O failure, leaving what was committed there before untouched.
     """
     new_directory = not storage.isdir(directory)
-    storage.makedirs(directory)
     save_id = secrets.token_hex(8)
     tensors = [_describe(leaf) for leaf in leaves]
     groups = _split_for_files(tensors)
@@ -145,7 +159,9 @@ def write_checkpoint(
     for name, group in zip(names, groups, strict=True):
         for t in group:
             t.file = name
+    visible = False
     try:
+        storage.makedirs(directory)
         headers = [_safetensors_header(g) for g in groups]
         files = {
             name: {
@@ -188,24 +204,39 @@ def write_checkpoint(
         storage.replace_atomic(
             storage.join(directory, MANIFEST), manifest, tmp_name=f".manifest-{save_id}.tmp"
         )
-    except BaseException:
-        # Nothing was committed: remove what this save wrote; whatever a crash leaves
-        # instead, the next Checkpointer removes.
+        visible = True
+        # The rename is durable once the directory is: a failure here still fails
+        # the save (durability unconfirmed), but the new checkpoint is whole and
+        # visible now, so its files stay.
         try:
-            for name in names:
-                storage.remove(storage.join(directory, name))
-            if new_directory:
-                storage.rmtree(directory)
-        except OSError:
-            pass
+            storage.fsync_dir(directory)
+        except OSError as e:
+            raise VisibleNotDurableError(
+                e.errno, f"{e.strerror} (the new checkpoint is visible)", directory
+            ) from e
+    except BaseException:
+        if not visible:
+            # Nothing was committed: remove what this save wrote; whatever a crash
+            # leaves instead, the next Checkpointer removes.
+            try:
+                for name in names:
+                    storage.remove(storage.join(directory, name))
+                if new_directory:
+                    storage.rmtree(directory)
+            except OSError:
+                pass
         raise
     # Committed: the previous save's files (and any leftovers) are garbage now.
     for name in storage.listdir(directory):
         if name != MANIFEST and name not in files:
             try:
                 storage.remove(storage.join(directory, name))
-            except OSError:  # the next Checkpointer cleans leftovers
-                pass
+            except OSError as e:
+                logger.warning(
+                    "Could not remove superseded file %s (the next Checkpointer will): %s",
+                    storage.join(directory, name),
+                    e,
+                )
 
 
 def _describe(leaf: _tree.ArrayLeaf) -> _Tensor:
@@ -364,12 +395,32 @@ def read_manifest(storage: LocalStorage, directory: str) -> dict[str, Any]:
     body = raw[match.end() : -len(_MANIFEST_SUFFIX)]
     if f"{zlib.crc32(body):08x}".encode() != match.group(1):
         raise CheckpointCorruptedError(f"{path}: checksum mismatch, the manifest is damaged")
-    try:
-        manifest = json.loads(body, object_pairs_hook=_no_duplicate_keys)
-    except (ValueError, RecursionError) as e:
-        raise CheckpointCorruptedError(f"{path}: invalid JSON ({e})") from None
+    manifest = parse_json(body, f"{path}: invalid JSON")
     _validate_manifest(manifest, path)
     return manifest
+
+
+def parse_json(raw: bytes, what: str) -> Any:
+    """JSON from a file, refusing duplicate keys and nesting too deep to rebuild.
+
+    The C parser guards its recursion with Python's recursion limit; a process that
+    raised the limit far could overflow the C stack on a crafted file (seen at 99,000
+    levels), so then the nesting depth is measured first, without recursing."""
+    if sys.getrecursionlimit() > _SAFE_RECURSION_LIMIT and _nesting_depth(raw) > _MAX_JSON_DEPTH:
+        raise CheckpointCorruptedError(f"{what} (nested deeper than {_MAX_JSON_DEPTH} levels)")
+    try:
+        return json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointCorruptedError(f"{what} ({e})") from None
+
+
+def _nesting_depth(raw: bytes) -> int:
+    """The deepest nesting of [ and { in JSON text, outside strings."""
+    structure = _JSON_STRING.sub(b"", raw)
+    opens = np.frombuffer(structure, np.uint8)
+    steps = np.isin(opens, (ord("["), ord("{"))).astype(np.int64)
+    steps -= np.isin(opens, (ord("]"), ord("}")))
+    return int(np.cumsum(steps).max(initial=0))
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -499,12 +550,14 @@ class CheckpointReader:
         self.manifest = manifest
         self._headers: dict[str, tuple[int, dict[str, Any]]] = {}
         self._arrays: dict[str, Any] = {}
+        self._handed_out: set[str] = set()
 
     def array(self, name: str) -> Any:
         """The array called ``name``: a numpy array, a numpy scalar or a typed PRNG key.
         Arrays read by :meth:`prefetch` are handed out from there."""
         if name not in self._arrays:
             self.prefetch([name])
+        self._handed_out.add(name)
         return self._arrays.pop(name)
 
     def prefetch(self, names: list[str]) -> None:
@@ -513,11 +566,23 @@ class CheckpointReader:
         assemble: list[tuple[np.ndarray, tuple[slice, ...], np.ndarray]] = []
         outs: dict[str, np.ndarray] = {}
         where = self.storage.join(self.directory, MANIFEST)
-        for name in dict.fromkeys(names):
+        if len(set(names)) != len(names) or not self._handed_out.isdisjoint(names):
+            # A saved tree names each array once: reading one twice would let a small
+            # crafted file allocate many times its size.
+            raise CheckpointCorruptedError(f"{where}: the tree refers to an array twice")
+        tensors_used: set[tuple[str, str]] = set()
+        for name in names:
             dtype, shards = check_array_entry(self.manifest, name, where)
             for shard in shards:  # checks the files' real sizes before allocating
                 self._header(shard["file"])
-            out = np.empty(tuple(self.manifest["arrays"][name]["shape"]), dtype)
+                key = (shard["file"], shard["tensor"])
+                if key in tensors_used:
+                    raise CheckpointCorruptedError(f"{where}: tensor {key[1]!r} is read twice")
+                tensors_used.add(key)
+            try:
+                out = np.empty(tuple(self.manifest["arrays"][name]["shape"]), dtype)
+            except (ValueError, MemoryError) as e:
+                raise CheckpointCorruptedError(f"{where}: array {name!r}: {e}") from None
             outs[name] = out
             if len(shards) == 1 and "slice" not in shards[0]:
                 reads.append(self._plan(shards[0], out))
@@ -640,14 +705,41 @@ class CheckpointReader:
             os.close(fd)
         if f"{zlib.crc32(raw, zlib.crc32(prefix)):08x}" != expected["header_crc32"]:
             raise CheckpointCorruptedError(f"{path}: header checksum mismatch, the file is damaged")
-        try:
-            header = json.loads(raw.tobytes(), object_pairs_hook=_no_duplicate_keys)
-        except (ValueError, RecursionError) as e:
-            raise CheckpointCorruptedError(f"{path}: invalid header ({e})") from None
+        header = parse_json(raw.tobytes(), f"{path}: invalid header")
         if not isinstance(header, dict):
             raise CheckpointCorruptedError(f"{path}: header is not an object")
+        _check_tiling(header, size - 8 - length, path)
         self._headers[file] = (8 + length, header)
         return self._headers[file]
+
+
+def _check_tiling(header: dict[str, Any], data_bytes: int, path: str) -> None:
+    """The tensors of a data file cover its data section exactly, in order, without
+    overlap or gap (as the safetensors library requires): no two tensors can share
+    bytes, and no byte goes unchecked."""
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]
+        ):
+            raise CheckpointCorruptedError(f"{path}: tensor {name!r} has invalid offsets")
+        spans.append((offsets[0], offsets[1]))
+    spans.sort()
+    end = 0
+    for begin, stop in spans:
+        if begin != end:
+            raise CheckpointCorruptedError(f"{path}: tensors overlap or leave a gap at byte {end}")
+        end = stop
+    if end != data_bytes:
+        raise CheckpointCorruptedError(
+            f"{path}: tensors cover {end} bytes of a {data_bytes}-byte data section"
+        )
 
 
 def _split_reads(reads: list[_Read]) -> list[list[_Read]]:

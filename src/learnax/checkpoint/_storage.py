@@ -123,10 +123,10 @@ class LocalStorage:
 
     def replace_atomic(self, path: str, data: bytes, tmp_name: str) -> None:
         """Make ``path`` hold ``data`` in one atomic step: write a temporary file beside
-        it, fsync, rename over ``path``, fsync the directory. A reader sees the old
-        content or the new, never a mix."""
-        directory = os.path.dirname(path)
-        tmp = os.path.join(directory, tmp_name)
+        it, fsync, rename over ``path``. A reader sees the old content or the new,
+        never a mix. The caller fsyncs the directory to make the rename durable: a
+        failure there comes after the new content became visible."""
+        tmp = os.path.join(os.path.dirname(path), tmp_name)
         try:
             self.write_durable(tmp, [data])
             os.replace(tmp, path)
@@ -134,7 +134,6 @@ class LocalStorage:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
             raise
-        self.fsync_dir(directory)
 
     def fsync_dir(self, path: str) -> None:
         fd = os.open(path, os.O_RDONLY)

@@ -30,6 +30,9 @@ from ._dtypes import is_supported_dtype
 # keeps both directions far from Python's recursion limit.
 MAX_DEPTH = 200
 
+# Python refuses to print ints of more than 4,300 digits (sys.int_info); stay below.
+_MAX_INT = 10**4000
+
 KeyPath = tuple[Any, ...]
 Node = Any  # JSON value describing a subtree
 
@@ -98,6 +101,11 @@ def _encode(x: Any, path: KeyPath, name: str, leaves: list[ArrayLeaf], used: set
     if isinstance(x, bool):
         return {"bool": x}
     if isinstance(x, int):
+        if not -_MAX_INT < x < _MAX_INT:
+            raise ValueError(
+                f"Int at {keystr(path)} has more than 4,000 digits: too large for the JSON "
+                "structure of a checkpoint. Store it as a str or an array."
+            )
         return {"int": int(x)}
     if isinstance(x, float):
         return {"float": encode_float(x)}
