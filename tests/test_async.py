@@ -398,6 +398,24 @@ def test_a_step_with_nothing_due_does_not_wait_for_the_save_in_flight(make_async
     assert ckpt.list_available_checkpoints() == {"latest": saved["latest"]}
 
 
+def test_a_step_reporting_a_metric_that_is_not_better_does_not_wait_for_the_save_in_flight(
+    make_async, stalled_disk
+):
+    """With val/loss reported every step, only a better value saves, and the decision
+    is made against the best still being written: the other steps never block."""
+    ckpt = make_async(save_every=None, checkpoint_every=None, keep_best=True)
+    stalled_disk.stall()
+    saved = ckpt.maybe_save_checkpoints(small_state(0), 0, {"val/loss": 0.5})
+    assert stalled_disk.reached.wait(STALL_GUARD_S), "the save never reached the disk"
+    assert ckpt.maybe_save_checkpoints(small_state(1), 1, {"val/loss": 0.7}) == {}
+    assert not stalled_disk.guard_expired
+
+    stalled_disk.release()
+    ckpt.wait_until_finished()
+    assert ckpt.best_metric_value == 0.5
+    assert ckpt.list_available_checkpoints() == {"best": saved["best"]}
+
+
 def test_wait_until_finished_with_nothing_in_flight_returns_none(make_async):
     ckpt = make_async()
     assert ckpt.wait_until_finished() is None
@@ -776,3 +794,21 @@ def test_saves_in_flight_at_interpreter_exit_are_committed(registry, ending, com
         loaded = ckpt.load_checkpoint(path)
         assert loaded["step"] == 1
         assert_tree_equal(exit_state(), loaded["state"])
+
+
+@pytest.mark.filterwarnings("ignore:os.fork")  # the child only checks a flag and exits
+def test_a_process_forked_while_a_save_pauses_the_gc_has_it_enabled():
+    """Saves pause Python's cyclic GC; a child forked meanwhile (a data-loader worker)
+    has no save of its own, so its collector must be on."""
+    import gc
+
+    from learnax.checkpoint._threads import gc_paused
+
+    assert gc.isenabled()
+    with gc_paused():
+        pid = os.fork()
+        if pid == 0:  # the child
+            os._exit(0 if gc.isenabled() else 1)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert gc.isenabled()

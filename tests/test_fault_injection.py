@@ -133,7 +133,8 @@ POINTS = {
         "fsync",
         lambda root, fd, *a, **k: _is_dir_fd(fd) and _name_is(_fd_path(fd), "checkpoints"),
     ),
-    # After the rename of the manifest: the rename itself is made durable.
+    # Before the rename of the manifest (the data files' entries) and after it (the
+    # rename itself), the checkpoint directory is fsynced.
     "open-checkpoint-directory-for-fsync": (
         "open",
         lambda root, path, *a, **k: os.path.isdir(path) and _name_is(path, "state_*"),
@@ -155,9 +156,9 @@ UNREACHED = {
     for kind in ("latest", "best")
 }
 
-# Points after the atomic rename: the new checkpoint is visible already, so a failure
-# there may leave either the old or the new checkpoint, each complete (as a crash
-# would), but never a manifest whose files are gone.
+# Points around the atomic rename (the directory is fsynced before and after it): a
+# failure there may leave either the old or the new checkpoint, each complete (as a
+# crash would), but never a manifest whose files are gone.
 AFTER_COMMIT = {"open-checkpoint-directory-for-fsync", "fsync-checkpoint-directory"}
 
 
@@ -262,6 +263,11 @@ class Scenario:
         """Every earlier checkpoint loads as saved, nothing else is listed or left over.
         With ``or_new``, the checkpoint being saved may instead be the new one, whole."""
         ckpt = self.ckpt
+        if or_new:
+            # A failure around the commit may leave leftovers (superseded files kept in
+            # case the rename does not survive, a directory the failing disk would not
+            # let go): the next Checkpointer on the run cleans them.
+            Checkpointer(ckpt.registry_path, ckpt.run_id)
         for name in (1, "latest", "best"):
             loaded = load_without_warnings(ckpt, name)
             assert loaded is not None, name
@@ -285,11 +291,6 @@ class Scenario:
                 assert by_step is None
         assert listing == self.listing
         assert entries == self.entries
-        if or_new:
-            # The rename happened but its durability is unconfirmed: the superseded
-            # files stay (after a power cut the old manifest may be back), until the
-            # next Checkpointer on the run cleans them.
-            Checkpointer(ckpt.registry_path, ckpt.run_id)
         committed_dirs_are_clean(ckpt.checkpoint_dir)
         assert ckpt.best_metric_value in ((0.5, 0.1) if or_new else (0.5,))
 

@@ -597,3 +597,15 @@ def test_unsupported_leaf_raises_type_error_naming_it_and_writes_nothing(make_ch
     assert list(ckpt.list_available_checkpoints()) == ["latest"]
     assert not (Path(ckpt.checkpoint_dir) / "state_2").exists()
     assert_tree_equal(small_state(1), ckpt.load_latest()["state"])
+
+
+def test_a_damaged_best_does_not_break_loading_another_step(make_checkpointer):
+    """load_checkpoint(N) also looks at latest and best for step N; a damaged one of
+    them is simply not step N."""
+    ckpt = make_checkpointer(keep_best=True)
+    ckpt.update_best_checkpoint(small_state(1), 0.5, step=1)
+    manifest = Path(ckpt.checkpoint_dir) / "state_best" / "manifest.json"
+    raw = bytearray(manifest.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    manifest.write_bytes(bytes(raw))
+    assert ckpt.load_checkpoint(7) is None

@@ -478,7 +478,10 @@ KILL_POINTS = {
     "latest: mid data write": ("chunk", r"^state_latest/data-", (1, 6)),
     "latest: data written, manifest not yet": ("write", r"^state_latest/\.manifest-", (1, 1)),
     "latest: before the manifest rename": ("replace", r"^state_latest/manifest\.json$", (1, 1)),
-    "latest: renamed, directory not fsynced": ("fsync_dir", r"^state_latest$", (1, 1)),
+    # The directory is fsynced twice per save: before the rename (the data files'
+    # entries) and after it (the rename itself).
+    "latest: data files written, directory not fsynced": ("fsync_dir", r"^state_latest$", (1, 1)),
+    "latest: renamed, directory not fsynced": ("fsync_dir", r"^state_latest$", (2, 2)),
     "latest: removing the previous data file": ("remove", r"^state_latest/data-", (1, 1)),
     "numbered: directory created, nothing written": ("write", r"^state_\d+/data-", (1, 1)),
     "numbered: mid data write": ("chunk", r"^state_\d+/data-", (1, 6)),
@@ -497,7 +500,7 @@ KILL_POINTS = {
     "retention: rmtree emptied the directory": ("rmdir", r"", (1, 1)),
     "best: mid data write": ("chunk", r"^state_best/data-", (1, 6)),
     "best: before the manifest rename": ("replace", r"^state_best/manifest\.json$", (1, 1)),
-    "best: renamed, directory not fsynced": ("fsync_dir", r"^state_best$", (1, 1)),
+    "best: renamed, directory not fsynced": ("fsync_dir", r"^state_best$", (2, 2)),
     "best: removing the previous data file": ("remove", r"^state_best/data-", (1, 1)),
 }
 
@@ -531,7 +534,7 @@ def test_a_damaged_checkpoint_fails_the_check(helper, tmp_path):
     """The check can fail: after a kill, flipping a byte of a listed checkpoint's data
     (something a kill must never cause) makes the check fail."""
     registry = str(tmp_path / "registry")
-    run_trials(helper, registry, [{"stop": ["fsync_dir", r"^state_best$", 1]}], "one kill")
+    run_trials(helper, registry, [{"stop": ["fsync_dir", r"^state_best$", 2]}], "one kill")
     ckpt = Checkpointer(registry, RUN, **POLICY)
     best = Path(ckpt.list_available_checkpoints()["best"])
     data = next(best.glob("*.safetensors"))

@@ -502,3 +502,22 @@ def test_best_value_is_picked_up_from_a_best_saved_by_hand(make_checkpointer):
     assert restarted.best_metric_value == 0.25
     assert not restarted.update_best_checkpoint({"w": np.ones(2)}, 0.5, step=6)
     assert restarted.load_best()["step"] == 5
+
+
+def test_best_saved_by_hand_is_the_best_to_beat(make_checkpointer):
+    """save_checkpoint(is_best=True) with the metric in `metrics` sets
+    best_metric_value, as a restarted process would read it: a worse value does not
+    replace that best."""
+    ckpt = make_checkpointer(keep_best=True)
+    ckpt.save_checkpoint({"w": np.zeros(2)}, step=1, metrics={"val/loss": 0.1}, is_best=True)
+    assert ckpt.best_metric_value == 0.1
+    assert not ckpt.update_best_checkpoint({"w": np.ones(2)}, 0.5, step=2)
+    assert ckpt.load_best()["step"] == 1
+
+
+@pytest.mark.parametrize("suffix", ["100", "0005", "step_5"])
+def test_suffix_that_would_pass_for_a_numbered_checkpoint_is_refused(make_checkpointer, suffix):
+    ckpt = make_checkpointer()
+    with pytest.raises(ValueError, match="numbered"):
+        ckpt.save_checkpoint({"w": np.zeros(2)}, step=7, suffix=suffix)
+    assert ckpt.list_available_checkpoints() == {}

@@ -124,3 +124,26 @@ def test_preemption_save_is_committed_before_maybe_save_checkpoints_returns(
     assert Checkpointer(registry, "run").load_latest()["step"] == 17
     # Once preempted, later steps do not save again.
     assert ckpt.maybe_save_checkpoints({"w": np.ones(3)}, 18) == {}
+
+
+def test_a_failed_preemption_save_is_retried_at_the_next_step(registry, sigterm_watch, monkeypatch):
+    """If the save after SIGTERM fails (disk full), reached_preemption stays false and the
+    next call tries again: the loop only stops once latest is committed."""
+    import errno
+
+    from learnax.checkpoint import _format
+
+    ckpt = Checkpointer(registry, "run", save_every=1000, save_on_preemption=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    real = _format.write_checkpoint
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_format, "write_checkpoint", disk_full)
+    assert ckpt.maybe_save_checkpoints({"w": np.ones(3)}, 17) == {}
+    assert ckpt.reached_preemption is False
+    monkeypatch.setattr(_format, "write_checkpoint", real)
+    assert set(ckpt.maybe_save_checkpoints({"w": np.ones(3)}, 18)) == {"latest"}
+    assert ckpt.reached_preemption is True
+    assert Checkpointer(registry, "run").load_latest()["step"] == 18

@@ -409,3 +409,14 @@ def test_load_of_missing_step_returns_none_when_others_exist(make_checkpointer):
     ckpt.save_checkpoint({"x": np.ones(2)}, step=10)
     assert ckpt.load_checkpoint(11) is None
     assert ckpt.load_checkpoint("11") is None
+
+
+def test_numpy_float64_and_complex128_scalars_stay_numpy_scalars(make_checkpointer):
+    """np.float64 and np.complex128 subclass Python's float and complex; they still
+    come back as NumPy scalars of their dtype."""
+    ckpt = make_checkpointer()
+    state = {"lr": np.float64(0.25), "c": np.complex128(1 + 2j), "i": np.int64(3)}
+    loaded = ckpt.load_checkpoint(ckpt.save_checkpoint(state, step=1))["state"]
+    for key, value in state.items():
+        assert type(loaded[key]) is type(value)
+        assert loaded[key] == value

@@ -235,3 +235,15 @@ def test_subtree_target_restores_params_of_a_saved_train_state(make_checkpointer
     assert set(restored) == {"dense"}
     assert isinstance(restored["dense"]["kernel"], jax.Array)
     assert_tree_equal(jax.device_get(params), jax.device_get(restored))
+
+
+@pytest.mark.parametrize(
+    "saved, target",
+    [({"a": None}, {"a": 0}), ({"a": np.ones(3)}, {"a": "name"}), ({"a": "x"}, {"a": 1.0})],
+    ids=["int-target-none-saved", "str-target-array-saved", "float-target-str-saved"],
+)
+def test_target_leaf_of_another_kind_than_saved_raises_naming_it(make_checkpointer, saved, target):
+    ckpt = make_checkpointer()
+    ckpt.save_checkpoint(saved, step=1)
+    with pytest.raises(ValueError, match=r"\['a'\]"):
+        ckpt.load_checkpoint(1, target=target)

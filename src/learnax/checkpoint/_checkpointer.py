@@ -152,8 +152,9 @@ class Checkpointer:
     ckpt = Checkpointer("runs", "mlp", save_every=100, checkpoint_every=1000,
                         max_to_keep=3, keep_best=True)
     restored = ckpt.load_latest(target=state)
+    start = 0 if restored is None else restored["step"] + 1
     if restored is not None:
-        state, start = restored["state"], restored["step"] + 1
+        state = restored["state"]
     for step in range(start, num_steps):
         state, metrics = train_step(state, batch)
         ckpt.maybe_save_checkpoints(state, step, metrics)
@@ -206,7 +207,7 @@ class Checkpointer:
         self.keep_period = _interval(keep_period, "keep_period")
         self._worker: ThreadPoolExecutor | None = None
         self._in_flight: Future[None] | None = None
-        self._failure: BaseException | None = None
+        self._pending_best: float | None = None  # the best value the save in flight writes
         self._closed = False
         self.save_on_preemption = bool(save_on_preemption)
         self.reached_preemption = False
@@ -276,7 +277,6 @@ class Checkpointer:
         due_best = self.keep_best and bool(metrics) and self.metric_name in metrics
         if not (due_latest or due_numbered or due_best):
             return {}
-        self._finish_in_flight()
         encoded = _format.encode_metrics(metrics)
         writes = []
         if due_latest:
@@ -284,14 +284,24 @@ class Checkpointer:
         if due_numbered:
             writes.append(_Write("numbered", f"{_PREFIX}{step}", encoded, retention=True))
         if due_best:
+            # Decided against the best still being written, if any: a step that only
+            # reports a metric that is not better never waits for a save in flight.
             best = self._best_write(metrics[self.metric_name], encoded)
             if best is not None:
                 writes.append(best)
+        if not writes:
+            return {}
+        self._finish_in_flight()
         saved = self._save_all(train_state, step, writes)
         if preempted:
-            logger.warning("Preemption: saved latest at step %d; stop the training loop.", step)
-            self.reached_preemption = True
             self._finish_in_flight()  # the process is about to end: commit it now
+            if saved.get("latest") is None:
+                logger.error(
+                    "Preemption: saving latest at step %d failed; retrying next step.", step
+                )
+            else:
+                logger.warning("Preemption: saved latest at step %d; stop the training loop.", step)
+                self.reached_preemption = True
         return {key: path for key, path in saved.items() if path is not None}
 
     def _preemption_due(self, step: int) -> bool:
@@ -345,17 +355,25 @@ class Checkpointer:
         path = ckpt.save_checkpoint(state, step=1000, metrics={"val/loss": 0.31})
         ```
         """
-        if suffix is not None:
-            write = _Write("", _PREFIX + _checked_suffix(suffix), {})
-        elif is_best:
-            write = _Write("", _PREFIX + "best", {})
-        else:
-            write = None
         step = self._resolve_step(train_state, step)
-        write = write or _Write("", f"{_PREFIX}{step}", {}, retention=True)
-        write.metrics = _format.encode_metrics(metrics)
+        encoded = _format.encode_metrics(metrics)
+        name = _PREFIX + _checked_suffix(suffix, saving=True) if suffix is not None else None
+        if name == _PREFIX + "best" or (name is None and is_best):
+            write = self._best_record(_PREFIX + "best", metrics, encoded)
+        elif name is not None:
+            write = _Write("", name, encoded)
+        else:
+            write = _Write("", f"{_PREFIX}{step}", encoded, retention=True)
         self._finish_in_flight()
-        return self._save_all(train_state, step, [write]).get("")
+        return self._save_all(train_state, step, [write])[write.key]
+
+    def _best_record(self, name: str, metrics: Any, encoded: dict[str, Any]) -> _Write:
+        """A best checkpoint saved by hand: when its metrics hold ``metric_name``, that
+        value becomes the best (now and after a restart), like update_best_checkpoint."""
+        value = metrics.get(self.metric_name) if isinstance(metrics, dict) else None
+        if value is None:
+            return _Write("best", name, encoded)
+        return self._best_write_of(_metric_float(value, self.metric_name), encoded)
 
     def save_latest(
         self, train_state: Any, step: int | None = None, metrics: dict[str, float] | None = None
@@ -388,10 +406,10 @@ class Checkpointer:
         **Example:** `ckpt.update_best_checkpoint(state, val_loss, step)`
         """
         step = self._resolve_step(train_state, step)
-        self._finish_in_flight()
         best = self._best_write(metric_value, None)
         if best is None:
             return False
+        self._finish_in_flight()
         return self._save_all(train_state, step, [best]).get("best") is not None
 
     def _best_write(self, metric_value: Any, metrics: dict[str, Any] | None) -> _Write | None:
@@ -399,14 +417,12 @@ class Checkpointer:
         if not self.keep_best:
             return None
         value = _metric_float(metric_value, self.metric_name)
-        if math.isnan(value):
+        best = self._pending_best if self._pending_best is not None else self.best_metric_value
+        if math.isnan(value) or not (value < best if self.minimize_metric else value > best):
             return None
-        if not (
-            value < self.best_metric_value
-            if self.minimize_metric
-            else value > self.best_metric_value
-        ):
-            return None
+        return self._best_write_of(value, metrics)
+
+    def _best_write_of(self, value: float, metrics: dict[str, Any] | None) -> _Write:
         extra = {
             "best": {
                 "metric": self.metric_name,
@@ -435,6 +451,7 @@ class Checkpointer:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="learnax-save")
             _PENDING_AT_EXIT.add(self)
         self._in_flight = self._worker.submit(self._write_in_background, tree, leaves, step, writes)
+        self._pending_best = next((w.best_value for w in writes if w.best_value is not None), None)
         return {w.key: os.path.join(self.checkpoint_dir, w.name) for w in writes}
 
     def _write(self, write: _Write, tree: Any, leaves: list[Any], step: int) -> str | None:
@@ -470,7 +487,6 @@ class Checkpointer:
             self._apply_retention()
         return directory
 
-    @gc_paused()
     def _write_in_background(
         self, tree: Any, leaves: list[Any], step: int, writes: list[_Write]
     ) -> None:
@@ -490,17 +506,11 @@ class Checkpointer:
                 f"{failed[0].error}. Earlier checkpoints are intact."
             ) from failed[0].error
 
-    def _finish_in_flight(self, *, raise_failure: bool = True) -> None:
+    def _finish_in_flight(self) -> None:
         """Wait for the save in flight; raise its failure (once) if it failed."""
-        future, self._in_flight = self._in_flight, None
+        future, self._in_flight, self._pending_best = self._in_flight, None, None
         if future is not None:
-            try:
-                future.result()
-            except BaseException as e:
-                self._failure = e
-        if raise_failure and self._failure is not None:
-            failure, self._failure = self._failure, None
-            raise failure
+            future.result()
 
     def wait_until_finished(self) -> None:
         """Block until the save in flight (``async_save=True``) is committed.
@@ -733,7 +743,11 @@ class Checkpointer:
         if self._committed(f"{_PREFIX}{step}"):
             return self._load_dir(os.path.join(self.checkpoint_dir, f"{_PREFIX}{step}"), target)
         for name in (_PREFIX + "latest", _PREFIX + "best"):
-            if self._committed(name) and self._manifest(name)["step"] == step:
+            try:
+                found = self._committed(name) and self._manifest(name)["step"] == step
+            except CheckpointCorruptedError:  # not this one, whatever its step was
+                found = False
+            if found:
                 return self._load_dir(os.path.join(self.checkpoint_dir, name), target)
         return self._load_path(
             os.path.join(self.checkpoint_dir, f"{_PREFIX}{step}"), target, allow_pickle
@@ -807,7 +821,18 @@ class Checkpointer:
                 f"({', '.join(sorted(legacy))}). Loading them would run code from the files; "
                 "if you trust them, pass allow_pickle=True."
             )
-        loaded = [_legacy.load_legacy(os.path.join(self.checkpoint_dir, e), True) for e in legacy]
+        # Unpickle as little as possible: the highest numbered file, and latest (whose
+        # step only the file itself knows).
+        numbered = max(
+            (e for e in legacy if _legacy.legacy_step(e) >= 0),
+            key=_legacy.legacy_step,
+            default=None,
+        )
+        latest = f"{_PREFIX}latest{_legacy.SUFFIX}"
+        chosen = [e for e in (numbered, latest) if e is not None and e in legacy]
+        if not chosen:  # only other suffixes
+            chosen = sorted(legacy)[-1:]
+        loaded = [_legacy.load_legacy(os.path.join(self.checkpoint_dir, e), True) for e in chosen]
         return max(loaded, key=lambda c: -1 if c["step"] is None else c["step"])
 
     # ----------------------------------------------------------------- start-up
@@ -933,10 +958,15 @@ def _metric_float(value: Any, name: str) -> float:
     raise TypeError(f"Metric {name!r} must be a real scalar number to compare, got {value!r:.80}")
 
 
-def _checked_suffix(suffix: Any) -> str:
+def _checked_suffix(suffix: Any, *, saving: bool = False) -> str:
     if not isinstance(suffix, str) or not _NAME.match(suffix) or ".." in suffix:
         raise ValueError(
             f"Checkpoint name {suffix!r} is not safe: use letters, digits, '_', '-' and '.' "
             "(not starting with '.', no '..', at most 128 characters)"
+        )
+    if saving and (suffix.isdigit() or suffix.startswith("step_")):
+        raise ValueError(
+            f"Suffix {suffix!r} would pass for a numbered checkpoint: to save one, pass "
+            "step= without a suffix."
         )
     return suffix

@@ -149,7 +149,9 @@ def write_checkpoint(
     The arrays go to one or more data files written in parallel (one per I/O thread
     for large states), each leaf streamed from its own buffer: no copy of the whole
     state is made. Returns once the checkpoint is durable and visible. Raises
-    ``OSError`` on any I/O failure, leaving what was committed there before untouched.
+    ``OSError`` on any I/O failure: before the commit, what was committed there before
+    is untouched; after it (``VisibleNotDurableError``, the final directory fsync
+    failed) the new checkpoint is visible and whole, but its durability unconfirmed.
     """
     new_directory = not storage.isdir(directory)
     save_id = secrets.token_hex(8)
@@ -201,6 +203,9 @@ def write_checkpoint(
                 raise ValueError(
                     f"data file {name} came out {size} bytes, not {files[name]['bytes']}"
                 )
+        # The data files' directory entries must be durable before the manifest that
+        # names them can be: otherwise a power cut could keep the rename but not them.
+        storage.fsync_dir(directory)
         storage.replace_atomic(
             storage.join(directory, MANIFEST), manifest, tmp_name=f".manifest-{save_id}.tmp"
         )
@@ -251,14 +256,20 @@ def _split_for_files(tensors: list[_Tensor]) -> list[list[_Tensor]]:
     """Contiguous runs of leaves, one per data file. Large states are split so that
     the I/O threads write (and later read) in parallel; tree order is kept, so that
     reading a subtree reads neighbouring bytes."""
-    total = sum(t.nbytes for t in tensors)
+    return _split_contiguous(tensors, [t.nbytes for t in tensors]) or [[]]
+
+
+def _split_contiguous(items: list[Any], sizes: list[int]) -> list[list[Any]]:
+    """``items`` cut into at most IO_THREADS contiguous runs of about equal total size,
+    each at least MIN_FILE_BYTES (one run for less); empty runs dropped."""
+    total = sum(sizes)
     count = max(1, min(IO_THREADS, total // MIN_FILE_BYTES))
-    groups: list[list[_Tensor]] = [[] for _ in range(count)]
+    groups: list[list[Any]] = [[] for _ in range(count)]
     done = 0
-    for t in tensors:
-        groups[min(count - 1, done * count // max(total, 1))].append(t)
-        done += t.nbytes
-    return [g for g in groups if g] or [[]]
+    for item, size in zip(items, sizes, strict=True):
+        groups[min(count - 1, done * count // max(total, 1))].append(item)
+        done += size
+    return [g for g in groups if g]
 
 
 def _write_data_file(
@@ -744,14 +755,7 @@ def _check_tiling(header: dict[str, Any], data_bytes: int, path: str) -> None:
 
 def _split_reads(reads: list[_Read]) -> list[list[_Read]]:
     """Contiguous runs of reads of about equal bytes, one per I/O thread."""
-    total = sum(r.view.nbytes for r in reads)
-    count = max(1, min(IO_THREADS, total // MIN_FILE_BYTES))
-    groups: list[list[_Read]] = [[] for _ in range(count)]
-    done = 0
-    for r in reads:
-        groups[min(count - 1, done * count // max(total, 1))].append(r)
-        done += r.view.nbytes
-    return [g for g in groups if g]
+    return _split_contiguous(reads, [r.view.nbytes for r in reads])
 
 
 def _preadv_all(fd: int, views: list[np.ndarray], offset: int, path: str) -> None:

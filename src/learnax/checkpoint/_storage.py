@@ -2,8 +2,9 @@
 
 Everything the checkpoint format needs from storage goes through :class:`LocalStorage`,
 so that other backends (object stores through fsspec) can offer the same few operations.
-Durability on a POSIX filesystem takes three things: ``fsync`` of each file's data, an
-atomic ``rename`` to make the commit visible, and ``fsync`` of the directory so that the
+Durability on a POSIX filesystem takes four things: ``fsync`` of each file's data,
+``fsync`` of the directory so that the new files' entries are durable, an atomic
+``rename`` to make the commit visible, and ``fsync`` of the directory again so that the
 rename itself survives a power cut.
 """
 

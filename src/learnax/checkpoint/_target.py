@@ -53,7 +53,7 @@ def _as_target_leaf(value: Any, like: Any, where: str) -> Any:
     if isinstance(like, (np.ndarray, np.generic)):
         arr = _checked_array(value, like.shape, np.dtype(like.dtype), where)
         return arr[()] if isinstance(like, np.generic) else arr
-    if isinstance(like, (bool, int, float, complex)) and not isinstance(value, type(None)):
+    if isinstance(like, (bool, int, float, complex)):
         if isinstance(value, (np.ndarray, np.generic)) and np.shape(value) == ():
             value = value.item()
         if not isinstance(value, (bool, int, float, complex)):
@@ -62,6 +62,10 @@ def _as_target_leaf(value: Any, like: Any, where: str) -> Any:
                 f"has {_describe(value)}"
             )
         return type(like)(value)
+    if isinstance(like, str) and not isinstance(value, str):
+        raise ValueError(
+            f"Leaf at {where}: the target has a str, the checkpoint {_describe(value)}"
+        )
     if isinstance(value, (dict, list, tuple)) and not isinstance(like, (dict, list, tuple)):
         raise ValueError(f"Leaf at {where}: the checkpoint has a subtree here, not a leaf")
     return value

@@ -34,8 +34,14 @@ def _get_pool() -> ThreadPoolExecutor:
 
 
 def _forget_pool_after_fork() -> None:
-    global _pool, _pool_lock
+    # The child has none of the parent's threads: no pool, no save in flight, so no
+    # reason for the cyclic GC to stay paused.
+    global _pool, _pool_lock, _gc_lock, _gc_holders
     _pool, _pool_lock = None, threading.Lock()
+    _gc_lock = threading.Lock()
+    if _gc_holders and _gc_was_enabled:
+        gc.enable()
+    _gc_holders = 0
 
 
 if hasattr(os, "register_at_fork"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import inspect
 import keyword
+import logging
 import math
 import sys
 from collections.abc import Callable, Mapping
@@ -25,6 +26,8 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._dtypes import is_supported_dtype
+
+logger = logging.getLogger("learnax")
 
 # Deeper trees than this are refused on save and treated as corrupted on load: it
 # keeps both directions far from Python's recursion limit.
@@ -98,6 +101,8 @@ def _encode(x: Any, path: KeyPath, name: str, leaves: list[ArrayLeaf], used: set
         raise ValueError(f"Train state is nested deeper than {MAX_DEPTH} levels at {keystr(path)}")
     if x is None:
         return None
+    if isinstance(x, (np.ndarray, np.generic, jax.Array)):  # np.float64 is a float too
+        return {"array": _add_leaf(x, path, name, leaves, used)}
     if isinstance(x, bool):
         return {"bool": x}
     if isinstance(x, int):
@@ -113,8 +118,6 @@ def _encode(x: Any, path: KeyPath, name: str, leaves: list[ArrayLeaf], used: set
         return {"complex": [encode_float(x.real), encode_float(x.imag)]}
     if isinstance(x, str):
         return {"str": x}
-    if isinstance(x, (np.ndarray, np.generic, jax.Array)):
-        return {"array": _add_leaf(x, path, name, leaves, used)}
     if isinstance(x, dict):
         items = []
         for k, v in x.items():
@@ -427,8 +430,15 @@ def find_prefix(
             f"Target leaf {_plain_keystr(missing)} is not in the checkpoint, neither at its "
             "root nor under any of its subtrees."
         )
+    # The shallowest wins: "params" of a TrainState, not the "mu" of Adam (same shape).
     depth = min(len(q) for q in candidates)
     best = [q for q in candidates if len(q) == depth]
+    if len(candidates) > 1 and len(best) == 1:
+        logger.info(
+            "Target matched %s (the shallowest of %d matching subtrees)",
+            _plain_keystr(best[0]),
+            len(candidates),
+        )
     if len(best) > 1:
         shown = ", ".join(_plain_keystr(q) for q in best[:4])
         raise ValueError(
