@@ -948,8 +948,7 @@ def _as_step(step: Any) -> int:
 
 
 def _metric_float(value: Any, name: str) -> float:
-    if isinstance(value, (np.ndarray, np.generic, jax.Array)) and np.shape(value) == ():
-        value = np.asarray(value).item()
+    value = _format.python_scalar(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
             return float(value)

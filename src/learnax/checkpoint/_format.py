@@ -45,7 +45,7 @@ import numpy as np
 from . import _tree
 from ._dtypes import dtype_from_name, dtype_name, safetensors_layout
 from ._errors import CheckpointCorruptedError
-from ._storage import LocalStorage
+from ._storage import LocalStorage, skip_transferred
 from ._threads import IO_THREADS, parallel_map, run_in_background
 
 logger = logging.getLogger("learnax")
@@ -93,14 +93,21 @@ def _encode_metric(key: str, value: Any) -> Any:
         return value
     if isinstance(value, float):
         return _tree.encode_float(value)
-    if isinstance(value, (np.ndarray, np.generic, jax.Array)) and np.shape(value) == ():
-        scalar = np.asarray(value).item()
-        if isinstance(scalar, (bool, int, float)):
-            return _encode_metric(key, scalar)
+    scalar = python_scalar(value)
+    if scalar is not value and isinstance(scalar, (bool, int, float)):
+        return _encode_metric(key, scalar)
     raise TypeError(
         f"Metric {key!r} is {type(value).__name__} {np.shape(value) if hasattr(value, 'shape') else ''}"
         ": metrics must be scalar numbers."
     )
+
+
+def python_scalar(value: Any) -> Any:
+    """A 0-d numpy or jax array (a metric computed in jax) as its Python scalar;
+    anything else as it is."""
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)) and np.shape(value) == ():
+        return np.asarray(value).item()
+    return value
 
 
 def decode_metrics(raw: Any, where: str) -> dict[str, Any]:
@@ -755,8 +762,4 @@ def _preadv_all(fd: int, views: list[np.ndarray], offset: int, path: str) -> Non
         if n == 0:
             raise CheckpointCorruptedError(f"{path}: unexpected end of file (truncated?)")
         offset += n
-        while buffers and n >= buffers[0].nbytes:
-            n -= buffers[0].nbytes
-            buffers = buffers[1:]
-        if buffers and n:
-            buffers[0] = buffers[0][n:]
+        buffers = skip_transferred(buffers, n)

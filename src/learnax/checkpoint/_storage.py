@@ -185,13 +185,21 @@ def _writev_all(fd: int, views: list[memoryview]) -> int:
                 v = v[os.write(fd, v) :]
         return total
     while views:
-        n = os.writev(fd, views)
-        while views and n >= views[0].nbytes:
-            n -= views[0].nbytes
-            views = views[1:]
-        if views and n:
-            views[0] = views[0][n:]
+        views = skip_transferred(views, os.writev(fd, views))
     return total
+
+
+def skip_transferred(buffers: list[memoryview], n: int) -> list[memoryview]:
+    """What is left of ``buffers`` after a vectored read or write moved ``n`` bytes:
+    the whole buffers dropped, the partial one sliced (a new list; no copy of data)."""
+    i = 0
+    while i < len(buffers) and n >= buffers[i].nbytes:
+        n -= buffers[i].nbytes
+        i += 1
+    rest = buffers[i:]
+    if rest and n:
+        rest[0] = rest[0][n:]
+    return rest
 
 
 class _Flusher:
