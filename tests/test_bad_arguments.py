@@ -487,3 +487,31 @@ def test_update_best_without_keep_best_saves_nothing_and_returns_false(make_chec
     assert ckpt.update_best_checkpoint(small_state(), 0.1, step=1) is False
     assert disk(ckpt) == []
     assert ckpt.best_metric_value == math.inf
+
+
+# --- storage and multi-host arguments ----------------------------------------------------
+
+
+def test_storage_options_with_a_local_path_raise_value_error(make_checkpointer):
+    with pytest.raises(ValueError, match="storage_options"):
+        make_checkpointer(storage_options={"anon": True})
+
+
+def test_an_unknown_url_protocol_raises_before_anything_is_written(tmp_path):
+    from learnax.checkpoint import Checkpointer
+
+    with pytest.raises(ValueError, match="nosuchfs"):
+        Checkpointer("nosuchfs://bucket/runs", "run")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", [0, -1.0, math.inf, math.nan])
+def test_multihost_timeout_must_be_positive_and_finite(make_checkpointer, value):
+    with pytest.raises(ValueError, match="multihost_timeout"):
+        make_checkpointer(multihost_timeout=value)
+
+
+@pytest.mark.parametrize("value", [True, "60", None])
+def test_multihost_timeout_of_another_kind_raises_type_error(make_checkpointer, value):
+    with pytest.raises(TypeError, match="multihost_timeout"):
+        make_checkpointer(multihost_timeout=value)

@@ -1182,3 +1182,40 @@ def test_checkpointer_is_usable_after_refusing_crafted_files(make_checkpointer):
     assert ckpt.save_checkpoint(small_state(2), step=2) is not None
     assert_tree_equal(small_state(2), ckpt.load_checkpoint(2)["state"])
     assert isinstance(Checkpointer(ckpt.registry_path, ckpt.run_id), Checkpointer)
+
+
+# --- block checksums of large arrays -------------------------------------------------
+
+
+def big_state() -> dict:
+    # 3 MiB: stored with one CRC32 per 1 MiB block.
+    return {"w": np.arange(3 << 18, dtype=np.float32)}
+
+
+def test_large_arrays_carry_one_checksum_per_mebibyte_block(make_checkpointer):
+    ckpt, path = saved(make_checkpointer, state=big_state())
+    crc = json.loads((path / "manifest.json").read_text())["manifest"]["arrays"]["w"]["crc32"]
+    assert isinstance(crc, list) and len(crc) == 3
+    np.testing.assert_array_equal(ckpt.load_checkpoint(1)["state"]["w"], big_state()["w"])
+
+
+@pytest.mark.parametrize(
+    "crc",
+    [["00000000"] * 2, ["00000000"] * 4, [], ["zz"] * 3, "0" * 9, [["00000000"]] * 3],
+    ids=["too-few", "too-many", "empty", "bad-hex", "long-str", "nested"],
+)
+def test_block_checksums_that_do_not_fit_the_array_are_refused(make_checkpointer, crc):
+    ckpt, path = saved(make_checkpointer, state=big_state())
+    rewrite_manifest(path, lambda m: m["arrays"]["w"].update(crc32=crc))
+    with pytest.raises(CheckpointCorruptedError, match="manifest.json|data-"):
+        ckpt.load_checkpoint(1)
+
+
+def test_a_damaged_block_of_a_large_array_is_detected(make_checkpointer):
+    ckpt, path = saved(make_checkpointer, state=big_state())
+    (data,) = path.glob("data-*.safetensors")
+    raw = bytearray(data.read_bytes())
+    raw[-(1 << 19)] ^= 0x01  # in the last block
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointCorruptedError, match="checksum mismatch"):
+        ckpt.load_checkpoint(1)

@@ -9,10 +9,12 @@ storage module does the I/O. A run's checkpoints live in
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import math
 import os
 import re
+import secrets
 import signal
 import threading
 import warnings
@@ -27,7 +29,8 @@ import numpy as np
 
 from . import _format, _legacy, _tree
 from ._errors import CheckpointCorruptedError, CheckpointSaveError, LegacyPickleError
-from ._storage import LocalStorage
+from ._multihost import Coordinator, PeerError, is_multihost
+from ._storage import open_storage
 from ._target import restore_into_target
 from ._threads import gc_paused
 
@@ -49,6 +52,7 @@ class _Write:
     best_value: float | None = None  # becomes best_metric_value once committed
     retention: bool = False  # a numbered checkpoint: prune the old ones after it
     error: BaseException | None = None
+    exchange: str = ""  # multi-host: the key under which the processes agree on it
 
 
 def _snapshot(leaves: list[_tree.ArrayLeaf]) -> None:
@@ -62,10 +66,13 @@ def _snapshot(leaves: list[_tree.ArrayLeaf]) -> None:
     16 KiB: 60 ms against 15 ms, measured here). Numpy arrays are copied in host memory.
     """
     on_device = []
+    spanning = []
     for leaf in leaves:
         value = leaf.value
         if isinstance(value, jax.Array):
-            if value.nbytes < _SMALL_LEAF and _format.on_cpu(value):
+            if not value.is_fully_addressable:
+                spanning.append(leaf)
+            elif value.nbytes < _SMALL_LEAF and _format.on_cpu(value):
                 leaf.value = np.array(value)
             else:
                 on_device.append(leaf)
@@ -75,6 +82,20 @@ def _snapshot(leaves: list[_tree.ArrayLeaf]) -> None:
         copies = jax.device_put([leaf.value for leaf in on_device], may_alias=False)
         for leaf, copy in zip(on_device, copies, strict=True):
             leaf.value = copy
+    if spanning:
+        # An array spanning processes cannot be copied whole here (jax refuses it):
+        # its local shards are, each on its device, and put together again.
+        shards = [shard for leaf in spanning for shard in leaf.value.addressable_shards]
+        copies = jax.device_put(
+            [shard.data for shard in shards], [shard.device for shard in shards], may_alias=False
+        )
+        done = 0
+        for leaf in spanning:
+            value, n = leaf.value, len(leaf.value.addressable_shards)
+            leaf.value = jax.make_array_from_single_device_arrays(
+                value.shape, value.sharding, copies[done : done + n]
+            )
+            done += n
 
 
 # Set by the SIGTERM handler that save_on_preemption installs (once per process).
@@ -125,7 +146,8 @@ class Checkpointer:
 
     **Arguments:**
 
-    - `registry_path`: directory holding all runs.
+    - `registry_path`: directory holding all runs: a local path or an fsspec URL
+      (``s3://bucket/runs``, ``gs://...``, ``memory://...``).
     - `run_id`: the run's name, one path component.
     - `save_every`: steps between saves of the rolling ``latest`` checkpoint; ``None``
       or 0 for never.
@@ -145,6 +167,10 @@ class Checkpointer:
       ``reached_preemption`` so that the loop can stop. The SIGTERM handler replaces the
       default one (which would kill the process at once). On multi-host runs all
       processes agree on the step through JAX's preemption sync point.
+    - `storage_options`: options for the fsspec filesystem of a URL ``registry_path``
+      (``s3://``, ``gs://``...), e.g. ``{"client_kwargs": {"endpoint_url": ...}}``.
+    - `multihost_timeout`: on multi-host runs, how many seconds a process waits for the
+      others' part of a save before the save fails (returns ``None``) everywhere.
 
     **Example:**
 
@@ -176,14 +202,10 @@ class Checkpointer:
         async_save: bool = False,
         keep_period: int | None = None,
         save_on_preemption: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        multihost_timeout: float = 600.0,
     ) -> None:
         registry_path = os.fspath(registry_path)
-        if "://" in registry_path:
-            if not registry_path.startswith("file://"):
-                raise NotImplementedError(
-                    f"Storage URL {registry_path!r}: only local paths are supported so far."
-                )
-            registry_path = registry_path[len("file://") :]
         if (
             not isinstance(run_id, str)
             or run_id in ("", ".", "..")
@@ -192,9 +214,16 @@ class Checkpointer:
             raise ValueError(
                 f"run_id must be one path component (no '/', '\\', not '.' or '..'), got {run_id!r}"
             )
+        if isinstance(multihost_timeout, bool) or not isinstance(multihost_timeout, (int, float)):
+            raise TypeError(
+                f"multihost_timeout must be a number of seconds, got {multihost_timeout!r}"
+            )
+        if not 0 < multihost_timeout < math.inf:
+            raise ValueError(f"multihost_timeout must be > 0 and finite, got {multihost_timeout}")
+        self._storage, base = open_storage(registry_path, storage_options)
         self.registry_path = registry_path
         self.run_id = run_id
-        self.checkpoint_dir = os.path.join(registry_path, run_id, "checkpoints")
+        self.checkpoint_dir = self._storage.join(base, run_id, "checkpoints")
         self.save_every = _interval(save_every, "save_every")
         self.checkpoint_every = _interval(checkpoint_every, "checkpoint_every")
         self.max_to_keep = _max_to_keep(max_to_keep)
@@ -216,11 +245,18 @@ class Checkpointer:
             self._multihost = jax.process_count() > 1
             if not self._multihost:
                 _watch_sigterm()
-        self._storage = LocalStorage()
+        # Multi-host: process 0 commits, cleans up and applies retention; the others
+        # write their shards and wait for its word.
+        self._coord = (
+            Coordinator(self.checkpoint_dir, multihost_timeout) if is_multihost() else None
+        )
         self._storage.makedirs(self.checkpoint_dir)
         self.best_metric_value: float = math.inf if self.minimize_metric else -math.inf
-        self._clean_leftovers()
+        if self._coord is None or self._coord.leader:
+            self._clean_leftovers()
         self._restore_best_metric_value()
+        if self._coord is not None:  # no process saves before process 0 cleaned up
+            self._coord.barrier(self._coord.new_key())
 
     # ----------------------------------------------------------------- policy
 
@@ -373,7 +409,7 @@ class Checkpointer:
         value = metrics.get(self.metric_name) if isinstance(metrics, dict) else None
         if value is None:
             return _Write("best", name, encoded)
-        return self._best_write_of(_metric_float(value, self.metric_name), encoded)
+        return self._best_write_of(self._agreed(_metric_float(value, self.metric_name)), encoded)
 
     def save_latest(
         self, train_state: Any, step: int | None = None, metrics: dict[str, float] | None = None
@@ -416,11 +452,24 @@ class Checkpointer:
         """The write of ``state_best`` if ``metric_value`` beats the best so far."""
         if not self.keep_best:
             return None
-        value = _metric_float(metric_value, self.metric_name)
+        value = self._agreed(_metric_float(metric_value, self.metric_name))
         best = self._pending_best if self._pending_best is not None else self.best_metric_value
         if math.isnan(value) or not (value < best if self.minimize_metric else value > best):
             return None
         return self._best_write_of(value, metrics)
+
+    def _agreed(self, value: float) -> float:
+        """On multi-host runs, process 0's metric value, so that every process makes the
+        same best-checkpoint decision (and so the same calls); NaN when the processes
+        cannot agree in time, which is never better."""
+        if self._coord is None:
+            return value
+        try:
+            agreed = self._coord.broadcast(self._coord.new_key(), _tree.encode_float(value))
+        except PeerError as e:
+            logger.error("Cannot agree on the metric %r: %s", self.metric_name, e)
+            return math.nan
+        return _tree.decode_float(agreed, "the metric of process 0")
 
     def _best_write_of(self, value: float, metrics: dict[str, Any] | None) -> _Write:
         extra = {
@@ -444,6 +493,9 @@ class Checkpointer:
         # the same result without a second copy of the whole state in host memory.
         state = train_state if self._default_prepare else self.prepare_fn(train_state)
         tree, leaves = _tree.encode_tree(state)
+        if self._coord is not None:
+            for w in writes:
+                w.exchange = self._coord.new_key()
         if not self.async_save or self._closed:
             return {w.key: self._write(w, tree, leaves, step) for w in writes}
         _snapshot(leaves)
@@ -452,22 +504,25 @@ class Checkpointer:
             _PENDING_AT_EXIT.add(self)
         self._in_flight = self._worker.submit(self._write_in_background, tree, leaves, step, writes)
         self._pending_best = next((w.best_value for w in writes if w.best_value is not None), None)
-        return {w.key: os.path.join(self.checkpoint_dir, w.name) for w in writes}
+        return {w.key: self._storage.join(self.checkpoint_dir, w.name) for w in writes}
 
     def _write(self, write: _Write, tree: Any, leaves: list[Any], step: int) -> str | None:
         """Write and commit one checkpoint; on an I/O failure log it and return None."""
-        directory = os.path.join(self.checkpoint_dir, write.name)
+        directory = self._storage.join(self.checkpoint_dir, write.name)
         try:
-            with self._storage.lock(self.checkpoint_dir):
-                _format.write_checkpoint(
-                    self._storage,
-                    directory,
-                    tree=tree,
-                    leaves=leaves,
-                    step=step,
-                    metrics=write.metrics,
-                    extra=write.extra,
-                )
+            if self._coord is not None:
+                self._write_multihost(write, directory, tree, leaves, step)
+            else:
+                with self._storage.lock(self.checkpoint_dir):
+                    _format.write_checkpoint(
+                        self._storage,
+                        directory,
+                        tree=tree,
+                        leaves=leaves,
+                        step=step,
+                        metrics=write.metrics,
+                        extra=write.extra,
+                    )
         except OSError as e:
             logger.error(
                 "Saving checkpoint %s (step %d) failed: %s. Earlier checkpoints are intact.",
@@ -483,9 +538,74 @@ class Checkpointer:
         logger.debug("Saved checkpoint %s (step %d)", directory, step)
         if write.best_value is not None:
             self.best_metric_value = write.best_value
-        if write.retention:
+        if write.retention and self._coord is None:
             self._apply_retention()
         return directory
+
+    def _write_multihost(
+        self, write: _Write, directory: str, tree: Any, leaves: list[Any], step: int
+    ) -> None:
+        """Every process writes its shards to its own data files; process 0 gathers the
+        parts, commits the manifest and applies retention, then tells the others the
+        outcome. Raises ``OSError`` on every process when any part failed."""
+        coord = self._coord
+        assert coord is not None
+        part = None
+        try:
+            self._storage.makedirs(directory)
+            tensors = _format.tensors_of_process(leaves, coord.process)
+            prefix = f"{secrets.token_hex(8)}-p{coord.process}"
+            part = _format.write_part(self._storage, directory, tensors, prefix)
+            mine = json.dumps({"name": write.name, "step": step, "part": part.to_json()})
+        except OSError as e:
+            mine = json.dumps({"error": f"process {coord.process}: {e}"})
+        if not coord.leader:
+            coord.send(write.exchange, mine)
+            outcome = coord.broadcast(f"{write.exchange}/outcome", timeout_factor=2)
+            if "error" in outcome:
+                if part is not None and not outcome.get("visible"):
+                    _format.remove_files(self._storage, directory, part.files)
+                error = _format.VisibleNotDurableError if outcome.get("visible") else PeerError
+                raise error(outcome["error"])
+            return
+        outcome: dict[str, Any] = {"error": "process 0 failed (see its log)"}
+        try:
+            if part is None:
+                raise PeerError(json.loads(mine)["error"])
+            received = [json.loads(v) for v in coord.gather(write.exchange, mine)]
+            errors = [r["error"] for r in received if "error" in r]
+            if errors:
+                raise PeerError("; ".join(errors))
+            for process, r in enumerate(received):
+                if (r["name"], r["step"]) != (write.name, step):
+                    raise PeerError(
+                        f"process {process} saved {r['name']} at step {r['step']} while "
+                        f"process 0 saved {write.name} at step {step}: every process must "
+                        "make the same calls"
+                    )
+            parts = [_format.Part.from_json(r["part"]) for r in received]
+            try:
+                merged = _format.merge_parts(parts, leaves, directory)
+            except ValueError as e:
+                raise PeerError(str(e)) from None
+            body = _format.manifest_body(tree, merged, step, write.metrics, write.extra)
+            with self._storage.lock(self.checkpoint_dir):
+                _format.commit(
+                    self._storage, directory, _format.manifest_bytes(body), set(merged.files)
+                )
+            if write.retention:
+                self._apply_retention()
+            outcome = {}
+        except _format.VisibleNotDurableError as e:
+            outcome = {"error": f"process 0: {e}", "visible": True}
+            raise
+        except BaseException as e:
+            outcome = {"error": f"process 0: {e}"}
+            if part is not None:
+                _format.remove_files(self._storage, directory, part.files)
+            raise
+        finally:
+            coord.broadcast(f"{write.exchange}/outcome", outcome)
 
     def _write_in_background(
         self, tree: Any, leaves: list[Any], step: int, writes: list[_Write]
@@ -579,10 +699,10 @@ class Checkpointer:
         # Removing the manifest first makes the deletion atomic for readers: a crash
         # halfway leaves a directory without manifest, a leftover, never a checkpoint
         # with missing files.
-        directory = os.path.join(self.checkpoint_dir, name)
+        directory = self._storage.join(self.checkpoint_dir, name)
         try:
             with self._storage.lock(self.checkpoint_dir):
-                self._storage.remove(os.path.join(directory, _format.MANIFEST))
+                self._storage.remove(self._storage.join(directory, _format.MANIFEST))
                 self._storage.fsync_dir(directory)
                 self._storage.rmtree(directory)
         except OSError as e:
@@ -593,7 +713,7 @@ class Checkpointer:
     # ----------------------------------------------------------------- listing
 
     def _committed(self, name: str) -> bool:
-        return self._storage.isfile(os.path.join(self.checkpoint_dir, name, _format.MANIFEST))
+        return self._storage.isfile(self._storage.join(self.checkpoint_dir, name, _format.MANIFEST))
 
     def _numbered_steps(self) -> list[int]:
         return [
@@ -625,12 +745,12 @@ class Checkpointer:
         found: dict[str, str] = {}
         for key in ("latest", "best"):
             if key in committed:
-                found[key] = os.path.join(self.checkpoint_dir, _PREFIX + key)
+                found[key] = self._storage.join(self.checkpoint_dir, _PREFIX + key)
         for step in sorted(int(c) for c in committed if c.isdigit()):
-            found[f"step_{step}"] = os.path.join(self.checkpoint_dir, f"{_PREFIX}{step}")
+            found[f"step_{step}"] = self._storage.join(self.checkpoint_dir, f"{_PREFIX}{step}")
         for other in committed:
             if other not in ("latest", "best") and not other.isdigit():
-                found[other] = os.path.join(self.checkpoint_dir, _PREFIX + other)
+                found[other] = self._storage.join(self.checkpoint_dir, _PREFIX + other)
         return found
 
     # ----------------------------------------------------------------- loading
@@ -680,7 +800,9 @@ class Checkpointer:
         ):  # a key of list_available_checkpoints()
             name = name[len("step_") :]
         return self._load_path(
-            os.path.join(self.checkpoint_dir, _PREFIX + _checked_suffix(name)), target, allow_pickle
+            self._storage.join(self.checkpoint_dir, _PREFIX + _checked_suffix(name)),
+            target,
+            allow_pickle,
         )
 
     def load_latest(
@@ -711,7 +833,7 @@ class Checkpointer:
             candidates.append((step, _PREFIX + "latest"))
         # On equal steps prefer "latest" (listed last, sorted stably in reverse).
         for _, name in sorted(candidates, key=lambda c: c[0], reverse=True):
-            directory = os.path.join(self.checkpoint_dir, name)
+            directory = self._storage.join(self.checkpoint_dir, name)
             try:
                 loaded = self._load_dir(directory, target)
             except CheckpointCorruptedError as e:
@@ -741,22 +863,24 @@ class Checkpointer:
         if step < 0:
             raise ValueError(f"Step must be >= 0 (or -1 for the latest), got {step}")
         if self._committed(f"{_PREFIX}{step}"):
-            return self._load_dir(os.path.join(self.checkpoint_dir, f"{_PREFIX}{step}"), target)
+            return self._load_dir(
+                self._storage.join(self.checkpoint_dir, f"{_PREFIX}{step}"), target
+            )
         for name in (_PREFIX + "latest", _PREFIX + "best"):
             try:
                 found = self._committed(name) and self._manifest(name)["step"] == step
             except CheckpointCorruptedError:  # not this one, whatever its step was
                 found = False
             if found:
-                return self._load_dir(os.path.join(self.checkpoint_dir, name), target)
+                return self._load_dir(self._storage.join(self.checkpoint_dir, name), target)
         return self._load_path(
-            os.path.join(self.checkpoint_dir, f"{_PREFIX}{step}"), target, allow_pickle
+            self._storage.join(self.checkpoint_dir, f"{_PREFIX}{step}"), target, allow_pickle
         )
 
     def _load_path(self, path: str, target: Any, allow_pickle: bool) -> dict[str, Any] | None:
         legacy = path if path.endswith(_legacy.SUFFIX) else path + _legacy.SUFFIX
         if not self._storage.isdir(path) and self._storage.isfile(legacy):
-            return _legacy.load_legacy(legacy, allow_pickle)
+            return _legacy.load_legacy(self._storage, legacy, allow_pickle)
         return self._load_dir(path, target)
 
     @gc_paused()
@@ -790,10 +914,10 @@ class Checkpointer:
             if target is None:
                 state = read_nodes([manifest["tree"]])[0]
             else:
-                state = restore_into_target(manifest["tree"], target, read_nodes)
+                state = restore_into_target(manifest["tree"], target, read_nodes, reader)
         except (_tree.MalformedTreeError, RecursionError) as e:
             raise CheckpointCorruptedError(
-                f"{os.path.join(directory, _format.MANIFEST)}: invalid tree: {e}"
+                f"{self._storage.join(directory, _format.MANIFEST)}: invalid tree: {e}"
             ) from None
         return {
             "state": state,
@@ -803,7 +927,7 @@ class Checkpointer:
         }
 
     def _manifest(self, name: str) -> dict[str, Any]:
-        return _format.read_manifest(self._storage, os.path.join(self.checkpoint_dir, name))
+        return _format.read_manifest(self._storage, self._storage.join(self.checkpoint_dir, name))
 
     def _load_legacy_latest(self, allow_pickle: bool) -> dict[str, Any] | None:
         legacy = [
@@ -832,7 +956,10 @@ class Checkpointer:
         chosen = [e for e in (numbered, latest) if e is not None and e in legacy]
         if not chosen:  # only other suffixes
             chosen = sorted(legacy)[-1:]
-        loaded = [_legacy.load_legacy(os.path.join(self.checkpoint_dir, e), True) for e in chosen]
+        loaded = [
+            _legacy.load_legacy(self._storage, self._storage.join(self.checkpoint_dir, e), True)
+            for e in chosen
+        ]
         return max(loaded, key=lambda c: -1 if c["step"] is None else c["step"])
 
     # ----------------------------------------------------------------- start-up
@@ -845,7 +972,7 @@ class Checkpointer:
             if not locked:
                 return
             for entry in self._storage.listdir(self.checkpoint_dir):
-                directory = os.path.join(self.checkpoint_dir, entry)
+                directory = self._storage.join(self.checkpoint_dir, entry)
                 if not entry.startswith(_PREFIX) or not self._storage.isdir(directory):
                     continue
                 try:
@@ -855,10 +982,12 @@ class Checkpointer:
 
     def _clean_checkpoint_dir(self, entry: str, directory: str) -> None:
         if not self._committed(entry):
-            logger.info(
-                "Removing incomplete checkpoint %s (an interrupted save or deletion)", directory
-            )
-            self._storage.rmtree(directory)
+            if self._storage.unused(directory):
+                logger.info(
+                    "Removing incomplete checkpoint %s (an interrupted save or deletion)",
+                    directory,
+                )
+                self._storage.rmtree(directory)
             return
         try:
             keep = set(self._manifest(entry)["files"])
@@ -866,9 +995,10 @@ class Checkpointer:
             # Damaged: keep its files for inspection; load_latest skips it.
             keep = {f for f in self._storage.listdir(directory) if not f.endswith(".tmp")}
         for name in self._storage.listdir(directory):
-            if name != _format.MANIFEST and name not in keep:
-                logger.info("Removing leftover file %s", os.path.join(directory, name))
-                self._storage.remove(os.path.join(directory, name))
+            path = self._storage.join(directory, name)
+            if name != _format.MANIFEST and name not in keep and self._storage.unused(path):
+                logger.info("Removing leftover file %s", path)
+                self._storage.remove(path)
 
     def _restore_best_metric_value(self) -> None:
         if not self._committed(_PREFIX + "best"):

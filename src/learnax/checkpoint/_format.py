@@ -28,13 +28,12 @@ import contextlib
 import json
 import logging
 import math
-import os
 import re
 import secrets
 import sys
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -45,7 +44,7 @@ import numpy as np
 from . import _tree
 from ._dtypes import dtype_from_name, dtype_name, safetensors_layout
 from ._errors import CheckpointCorruptedError
-from ._storage import LocalStorage, skip_transferred
+from ._storage import FsspecStorage, LocalStorage
 from ._threads import IO_THREADS, parallel_map, run_in_background
 
 logger = logging.getLogger("learnax")
@@ -66,6 +65,10 @@ _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 # A state smaller than this goes to one data file; larger ones are split over the
 # I/O threads, each file at least this large.
 MIN_FILE_BYTES = 64 << 20
+# Tensors larger than this carry one CRC32 per block of this size (see checksum).
+CRC_BLOCK = 1 << 20
+
+Storage = LocalStorage | FsspecStorage
 
 
 # --------------------------------------------------------------------------- write
@@ -132,17 +135,39 @@ class VisibleNotDurableError(OSError):
 
 @dataclass
 class _Tensor:
+    """One tensor of a data file: a whole array, or one shard of a global jax array."""
+
     leaf: _tree.ArrayLeaf
+    value: Any  # what is written: the leaf's array, or the shard's single-device array
     dtype: np.dtype
     shape: tuple[int, ...]
     nbytes: int
+    tensor: str  # the name in the data file
+    slice: list[list[int]] | None = None  # where a shard sits in the global array
     file: str = ""
-    crc32: int = 0
+    crc32: str | list[str] = ""
     data: np.ndarray | None = None  # the bytes, when taken from host memory up front
 
 
+@dataclass
+class Part:
+    """What one process wrote of a checkpoint: its data files and the array entries
+    (or shards) they hold. A single-process save is one part."""
+
+    files: dict[str, dict[str, Any]]
+    arrays: dict[str, dict[str, Any]]
+
+    def to_json(self) -> str:
+        return json.dumps({"files": self.files, "arrays": self.arrays}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Part:
+        raw = json.loads(text)
+        return cls(raw["files"], raw["arrays"])
+
+
 def write_checkpoint(
-    storage: LocalStorage,
+    storage: Storage,
     directory: str,
     *,
     tree: Any,
@@ -161,29 +186,67 @@ def write_checkpoint(
     failed) the new checkpoint is visible and whole, but its durability unconfirmed.
     """
     new_directory = not storage.isdir(directory)
-    save_id = secrets.token_hex(8)
-    tensors = [_describe(leaf) for leaf in leaves]
+    manifest: list[bytes] = []
+
+    def build_manifest(part: Part) -> None:
+        # Runs while the data files are still being written, when they can be.
+        manifest.append(manifest_bytes(manifest_body(tree, part, step, metrics, extra)))
+
+    try:
+        storage.makedirs(directory)
+        part = write_part(
+            storage,
+            directory,
+            [_whole(leaf) for leaf in leaves],
+            secrets.token_hex(8),
+            build_manifest,
+        )
+    except BaseException:
+        if new_directory:
+            with contextlib.suppress(OSError):
+                storage.rmtree(directory)
+        raise
+    try:
+        commit(storage, directory, manifest[0], set(part.files))
+    except OSError as e:
+        if not isinstance(e, VisibleNotDurableError):
+            remove_files(storage, directory, part.files)
+            if new_directory:
+                with contextlib.suppress(OSError):
+                    storage.rmtree(directory)
+        raise
+
+
+def write_part(
+    storage: Storage,
+    directory: str,
+    tensors: list[_Tensor],
+    file_prefix: str,
+    while_writing: Callable[[Part], None] | None = None,
+) -> Part:
+    """Write ``tensors`` to durable data files ``data-<file_prefix>-<i>.safetensors`` in
+    ``directory`` and return their description. ``while_writing(part)`` runs in this
+    thread once the checksums are known, while the files may still be written.
+    On failure the files written are removed and the ``OSError`` raised."""
     groups = _split_for_files(tensors)
-    names = [f"data-{save_id}-{i}.safetensors" for i in range(len(groups))]
+    names = [f"data-{file_prefix}-{i}.safetensors" for i in range(len(groups))]
     for name, group in zip(names, groups, strict=True):
         for t in group:
             t.file = name
-    visible = False
-    try:
-        storage.makedirs(directory)
-        headers = [_safetensors_header(g) for g in groups]
-        files = {
-            name: {
-                "bytes": len(header) + sum(t.nbytes for t in group),
-                "header_crc32": f"{zlib.crc32(header):08x}",
-            }
-            for name, header, group in zip(names, headers, groups, strict=True)
+    headers = [_safetensors_header(g) for g in groups]
+    files = {
+        name: {
+            "bytes": len(header) + sum(t.nbytes for t in group),
+            "header_crc32": f"{zlib.crc32(header):08x}",
         }
-        jobs = [
-            (storage.join(directory, name), header, group)
-            for name, header, group in zip(names, headers, groups, strict=True)
-        ]
-        if all(_in_host_memory(t.leaf.value) for t in tensors):
+        for name, header, group in zip(names, headers, groups, strict=True)
+    }
+    jobs = [
+        (storage.join(directory, name), header, group)
+        for name, header, group in zip(names, headers, groups, strict=True)
+    ]
+    try:
+        if all(_in_host_memory(t.value) for t in tensors):
             # All bytes are in host memory already: the I/O threads write them while
             # this thread checksums them (zlib releases the GIL) and builds the
             # manifest, so that work hides behind the disk's.
@@ -192,52 +255,63 @@ def write_checkpoint(
             join = run_in_background(lambda job: _write_data_file(storage, *job), jobs)
             try:
                 for t in tensors:
-                    t.crc32 = zlib.crc32(t.data)
-                body = _manifest_body(tree, tensors, files, step, metrics, extra)
-                manifest = _manifest_bytes(body)
+                    t.crc32 = checksum(t.data)
+                if while_writing is not None:
+                    while_writing(Part(files, _array_entries(tensors)))
             except BaseException:
                 with contextlib.suppress(BaseException):  # the writers must stop first
                     join()
                 raise
             sizes = join()
+            part = Part(files, _array_entries(tensors))
         else:
             # Arrays on accelerators are fetched one at a time while writing, and
             # checksummed there: never the whole state in host memory at once.
             sizes = parallel_map(lambda job: _write_data_file(storage, *job), jobs)
-            manifest = _manifest_bytes(_manifest_body(tree, tensors, files, step, metrics, extra))
+            part = Part(files, _array_entries(tensors))
+            if while_writing is not None:
+                while_writing(part)
         for name, size in zip(names, sizes, strict=True):
             if size != files[name]["bytes"]:
                 raise ValueError(
                     f"data file {name} came out {size} bytes, not {files[name]['bytes']}"
                 )
-        # The data files' directory entries must be durable before the manifest that
-        # names them can be: otherwise a power cut could keep the rename but not them.
-        storage.fsync_dir(directory)
-        storage.replace_atomic(
-            storage.join(directory, MANIFEST), manifest, tmp_name=f".manifest-{save_id}.tmp"
-        )
-        visible = True
-        # The rename is durable once the directory is: a failure here still fails
-        # the save (durability unconfirmed), but the new checkpoint is whole and
-        # visible now, so its files stay.
-        try:
-            storage.fsync_dir(directory)
-        except OSError as e:
-            raise VisibleNotDurableError(
-                e.errno, f"{e.strerror} (the new checkpoint is visible)", directory
-            ) from e
     except BaseException:
-        if not visible:
-            # Nothing was committed: remove what this save wrote; whatever a crash
-            # leaves instead, the next Checkpointer removes.
-            try:
-                for name in names:
-                    storage.remove(storage.join(directory, name))
-                if new_directory:
-                    storage.rmtree(directory)
-            except OSError:
-                pass
+        # Nothing refers to these files: remove them; whatever a crash leaves instead,
+        # the next Checkpointer removes.
+        remove_files(storage, directory, files)
         raise
+    return part
+
+
+def remove_files(storage: Storage, directory: str, names: Iterable[str]) -> None:
+    """Remove data files this save wrote and did not commit (best effort)."""
+    for name in names:
+        with contextlib.suppress(OSError):
+            storage.remove(storage.join(directory, name))
+
+
+def commit(storage: Storage, directory: str, manifest: bytes, files: set[str]) -> None:
+    """Make the checkpoint in ``directory`` visible: its data files ``files`` are durable
+    already; write ``manifest`` over the old one in one atomic step, then remove the
+    files of the checkpoint it replaced."""
+    # The data files' directory entries must be durable before the manifest that
+    # names them can be: otherwise a power cut could keep the rename but not them.
+    storage.fsync_dir(directory)
+    storage.replace_atomic(
+        storage.join(directory, MANIFEST),
+        manifest,
+        tmp_name=f".manifest-{secrets.token_hex(8)}.tmp",
+    )
+    # The rename is durable once the directory is: a failure here still fails the
+    # save (durability unconfirmed), but the new checkpoint is whole and visible now,
+    # so its files stay.
+    try:
+        storage.fsync_dir(directory)
+    except OSError as e:
+        raise VisibleNotDurableError(
+            e.errno, f"{e.strerror} (the new checkpoint is visible)", directory
+        ) from e
     # Committed: the previous save's files (and any leftovers) are garbage now.
     for name in storage.listdir(directory):
         if name != MANIFEST and name not in files:
@@ -251,12 +325,45 @@ def write_checkpoint(
                 )
 
 
-def _describe(leaf: _tree.ArrayLeaf) -> _Tensor:
+def _whole(leaf: _tree.ArrayLeaf) -> _Tensor:
     value = leaf.value
     dtype = value.dtype
     if dtype.byteorder == ">":
         dtype = dtype.newbyteorder("=")  # written little-endian
-    return _Tensor(leaf, dtype, value.shape, value.nbytes)
+    return _Tensor(leaf, value, dtype, value.shape, value.nbytes, leaf.name)
+
+
+def tensors_of_process(leaves: list[_tree.ArrayLeaf], process: int) -> list[_Tensor]:
+    """The tensors process ``process`` writes in a multi-host save: the shards of the
+    global jax arrays that it holds with replica id 0 (so that every shard is written
+    by exactly one process), and, on process 0, every other leaf (host arrays, arrays
+    of one process) whole."""
+    out = []
+    for leaf in leaves:
+        value = leaf.value
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+            for shard in value.addressable_shards:
+                if shard.replica_id != 0:
+                    continue
+                bounds = [
+                    [index.indices(dim)[0], index.indices(dim)[1]]
+                    for index, dim in zip(shard.index, value.shape, strict=True)
+                ]
+                data = shard.data
+                out.append(
+                    _Tensor(
+                        leaf,
+                        data,
+                        np.dtype(data.dtype),
+                        tuple(data.shape),
+                        data.nbytes,
+                        f"{leaf.name}[{','.join(f'{a}:{b}' for a, b in bounds)}]",
+                        slice=bounds,
+                    )
+                )
+        elif process == 0:
+            out.append(_whole(leaf))
+    return out
 
 
 def _split_for_files(tensors: list[_Tensor]) -> list[list[_Tensor]]:
@@ -279,16 +386,13 @@ def _split_contiguous(items: list[Any], sizes: list[int]) -> list[list[Any]]:
     return [g for g in groups if g]
 
 
-def _write_data_file(
-    storage: LocalStorage, path: str, header: bytes, tensors: list[_Tensor]
-) -> int:
+def _write_data_file(storage: Storage, path: str, header: bytes, tensors: list[_Tensor]) -> int:
     return storage.write_durable(path, _data_chunks(header, tensors))
 
 
-def _manifest_body(
+def manifest_body(
     tree: Any,
-    tensors: list[_Tensor],
-    files: dict[str, Any],
+    part: Part,
     step: int,
     metrics: dict[str, Any],
     extra: dict[str, Any] | None,
@@ -300,29 +404,82 @@ def _manifest_body(
         "metrics": metrics,
         **(extra or {}),
         "tree": tree,
-        "arrays": {t.leaf.name: _array_entry(t) for t in tensors},
-        "files": files,
+        "arrays": part.arrays,
+        "files": part.files,
     }
+
+
+def merge_parts(parts: list[Part], leaves: list[_tree.ArrayLeaf], where: str) -> Part:
+    """One description of a checkpoint from the parts its processes wrote. Raises
+    ``ValueError`` when an array is missing or its shards do not cover it exactly
+    (a process wrote another state than the others)."""
+    files: dict[str, dict[str, Any]] = {}
+    arrays: dict[str, dict[str, Any]] = {}
+    for process, part in enumerate(parts):
+        for name, info in part.files.items():
+            files[name] = {**info, "process": process}
+        for name, entry in part.arrays.items():
+            if "shards" not in entry:
+                arrays[name] = entry
+            elif name not in arrays:
+                arrays[name] = entry
+            else:
+                arrays[name]["shards"].extend(entry["shards"])
+    for leaf in leaves:
+        entry = arrays.get(leaf.name)
+        covered = entry is not None and (
+            "shards" not in entry
+            or sum(math.prod(b - a for a, b in s["slice"]) for s in entry["shards"])
+            == math.prod(entry["shape"])
+        )
+        if not covered:
+            raise ValueError(
+                f"{where}: the processes' shards of the array at {leaf.path} do not cover it "
+                "exactly; every process must save the same state"
+            )
+    return Part(files, arrays)
 
 
 def _in_host_memory(value: Any) -> bool:
     return type(value) is np.ndarray or not isinstance(value, jax.Array) or on_cpu(value)
 
 
-def _array_entry(t: _Tensor) -> dict[str, Any]:
-    # One shard (the whole array) is written inline; a sharded array would list
-    # "shards": [{"file", "tensor", "slice", "crc32"}, ...] instead.
-    entry: dict[str, Any] = {
-        "dtype": dtype_name(t.dtype),
-        "shape": list(t.shape),
-        "file": t.file,
-        "crc32": f"{t.crc32:08x}",
-    }
-    if t.leaf.kind != "array":
-        entry["kind"] = t.leaf.kind
-    if t.leaf.impl is not None:
-        entry["impl"] = t.leaf.impl
-    return entry
+def _array_entries(tensors: list[_Tensor]) -> dict[str, dict[str, Any]]:
+    entries: dict[str, dict[str, Any]] = {}
+    for t in tensors:
+        leaf = t.leaf
+        if t.slice is None:
+            entry: dict[str, Any] = {
+                "dtype": dtype_name(t.dtype),
+                "shape": list(t.shape),
+                "file": t.file,
+                "crc32": t.crc32,
+            }
+        else:
+            entry = entries.get(leaf.name) or {
+                "dtype": dtype_name(t.dtype),
+                "shape": list(leaf.value.shape),
+                "shards": [],
+            }
+            entry["shards"].append(
+                {"file": t.file, "tensor": t.tensor, "slice": t.slice, "crc32": t.crc32}
+            )
+        if leaf.kind != "array":
+            entry["kind"] = leaf.kind
+        if leaf.impl is not None:
+            entry["impl"] = leaf.impl
+        entries[leaf.name] = entry
+    return entries
+
+
+def checksum(data: np.ndarray | memoryview) -> str | list[str]:
+    """The CRC32 of a tensor's bytes: one for up to CRC_BLOCK bytes, else one per block
+    of CRC_BLOCK bytes, so that a process restoring a part of an array can verify just
+    the blocks it reads."""
+    view = memoryview(data).cast("B")
+    if view.nbytes <= CRC_BLOCK:
+        return f"{zlib.crc32(view):08x}"
+    return [f"{zlib.crc32(view[i : i + CRC_BLOCK]):08x}" for i in range(0, view.nbytes, CRC_BLOCK)]
 
 
 def _safetensors_header(tensors: list[_Tensor]) -> bytes:
@@ -330,7 +487,7 @@ def _safetensors_header(tensors: list[_Tensor]) -> bytes:
     offset = 0
     for t in tensors:
         code, shape = safetensors_layout(t.dtype, t.shape)
-        entries[t.leaf.name] = {
+        entries[t.tensor] = {
             "dtype": code,
             "shape": shape,
             "data_offsets": [offset, offset + t.nbytes],
@@ -342,10 +499,10 @@ def _safetensors_header(tensors: list[_Tensor]) -> bytes:
 
 
 def _host_bytes(t: _Tensor) -> np.ndarray:
-    """The leaf's bytes as a flat uint8 view of host memory: no copy for a host array
-    (or a jax array on the CPU); one leaf's transfer for an array on an accelerator;
-    a copy only when the array is non-contiguous or big-endian."""
-    arr = t.leaf.value
+    """The tensor's bytes as a flat uint8 view of host memory: no copy for a host array
+    (or a jax array on the CPU); one transfer for an array on an accelerator; a copy
+    only when the array is non-contiguous or big-endian."""
+    arr = t.value
     if type(arr) is not np.ndarray:
         arr = host_array(arr)
     if not arr.flags.c_contiguous or arr.dtype.byteorder == ">":
@@ -386,11 +543,11 @@ def _data_chunks(header: bytes, tensors: list[_Tensor]) -> Iterator[memoryview |
         data = _host_bytes(t)
         if data.nbytes != t.nbytes:
             raise ValueError(f"array at {t.leaf.path} changed size while being saved")
-        t.crc32 = zlib.crc32(data)
+        t.crc32 = checksum(data)
         yield memoryview(data)
 
 
-def _manifest_bytes(body: dict[str, Any]) -> bytes:
+def manifest_bytes(body: dict[str, Any]) -> bytes:
     raw = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
     prefix = b'{"checksum":"crc32:%08x","manifest":' % zlib.crc32(raw)
     return prefix + raw + _MANIFEST_SUFFIX
@@ -513,7 +670,7 @@ def check_array_entry(
             isinstance(s, dict) and s.get("file") in files and isinstance(s.get("tensor"), str)
         ):
             raise bad(f"invalid shard {s!r:.200}")
-        if not (isinstance(s.get("crc32"), str) and len(s["crc32"]) == 8):
+        if not _is_checksum(s.get("crc32")):
             raise bad("invalid shard checksum")
         if "slice" in s:
             _shard_bounds(s["slice"], shape, f"{where}: array {name!r}")
@@ -522,6 +679,13 @@ def check_array_entry(
     ):
         raise bad(f"shape {shape} needs more bytes than its data files hold")
     return dtype, shards
+
+
+def _is_checksum(x: Any) -> bool:
+    def crc(c: Any) -> bool:
+        return isinstance(c, str) and len(c) == 8
+
+    return crc(x) or (isinstance(x, list) and 0 < len(x) < 1 << 40 and all(crc(c) for c in x))
 
 
 def _is_count(x: Any) -> bool:
@@ -549,23 +713,26 @@ def shards_of(name: str, entry: dict[str, Any]) -> Any:
 
 @dataclass
 class _Read:
-    """One tensor to read from a data file into ``view``, then verify."""
+    """Bytes of one tensor to read from a data file into ``view``, then verify: the
+    whole tensor, or (a partial read) whole checksum blocks of it from ``first_block``."""
 
     file: str
     offset: int  # from the start of the file
-    view: np.ndarray  # flat uint8 view of the destination
-    crc32: str
+    view: np.ndarray  # flat uint8 destination
+    crc32: str | list[str]
     tensor: str
+    first_block: int = 0
 
 
 class CheckpointReader:
     """Reads verified arrays of one committed checkpoint, in parallel, straight into
     the arrays that are returned (no intermediate copies)."""
 
-    def __init__(self, storage: LocalStorage, directory: str, manifest: dict[str, Any]):
+    def __init__(self, storage: Storage, directory: str, manifest: dict[str, Any]):
         self.storage = storage
         self.directory = directory
         self.manifest = manifest
+        self._where = storage.join(directory, MANIFEST)
         self._headers: dict[str, tuple[int, dict[str, Any]]] = {}
         self._arrays: dict[str, Any] = {}
         self._handed_out: set[str] = set()
@@ -578,39 +745,46 @@ class CheckpointReader:
         self._handed_out.add(name)
         return self._arrays.pop(name)
 
+    def info(self, name: str) -> tuple[np.dtype, tuple[int, ...], str]:
+        """The dtype, shape and kind (``"array"``, ``"scalar"``, ``"key"``) of array
+        ``name``, checked, without reading it."""
+        dtype, _ = check_array_entry(self.manifest, name, self._where)
+        entry = self.manifest["arrays"][name]
+        return dtype, tuple(entry["shape"]), entry.get("kind", "array")
+
     def prefetch(self, names: list[str]) -> None:
         """Read and verify the named arrays, spreading the reads over the I/O threads."""
         reads: list[_Read] = []
         assemble: list[tuple[np.ndarray, tuple[slice, ...], np.ndarray]] = []
         outs: dict[str, np.ndarray] = {}
-        where = self.storage.join(self.directory, MANIFEST)
         if len(set(names)) != len(names) or not self._handed_out.isdisjoint(names):
             # A saved tree names each array once: reading one twice would let a small
             # crafted file allocate many times its size.
-            raise CheckpointCorruptedError(f"{where}: the tree refers to an array twice")
+            raise CheckpointCorruptedError(f"{self._where}: the tree refers to an array twice")
         tensors_used: set[tuple[str, str]] = set()
         for name in names:
-            dtype, shards = check_array_entry(self.manifest, name, where)
+            dtype, shards = check_array_entry(self.manifest, name, self._where)
             for shard in shards:  # checks the files' real sizes before allocating
                 self._header(shard["file"])
                 key = (shard["file"], shard["tensor"])
                 if key in tensors_used:
-                    raise CheckpointCorruptedError(f"{where}: tensor {key[1]!r} is read twice")
+                    raise CheckpointCorruptedError(
+                        f"{self._where}: tensor {key[1]!r} is read twice"
+                    )
                 tensors_used.add(key)
             try:
                 out = np.empty(tuple(self.manifest["arrays"][name]["shape"]), dtype)
             except (ValueError, MemoryError) as e:
-                raise CheckpointCorruptedError(f"{where}: array {name!r}: {e}") from None
+                raise CheckpointCorruptedError(f"{self._where}: array {name!r}: {e}") from None
             outs[name] = out
             if len(shards) == 1 and "slice" not in shards[0]:
                 reads.append(self._plan(shards[0], out))
                 continue
-            for shard, region in zip(shards, self._regions(name, shards, out), strict=True):
+            for shard, region in zip(shards, self._regions(name, shards, out.shape), strict=True):
                 piece = np.empty(tuple(r.stop - r.start for r in region), out.dtype)
                 reads.append(self._plan(shard, piece))
                 assemble.append((out, region, piece))
-        reads.sort(key=attrgetter("file", "offset"))
-        parallel_map(self._read_group, _split_reads(reads))
+        self._read_all(reads)
         for out, region, piece in assemble:
             out[region] = piece
         for name, out in outs.items():
@@ -623,47 +797,115 @@ class CheckpointReader:
             else:
                 self._arrays[name] = out
 
+    def read_region(self, name: str, region: tuple[slice, ...]) -> np.ndarray:
+        """The part ``region`` (one slice per axis, as in a sharding's index) of array
+        ``name``, reading and verifying only the checksum blocks of the stored shards
+        that overlap it: a process restoring its shard of a large array reads about
+        its share of the bytes."""
+        dtype, shards = check_array_entry(self.manifest, name, self._where)
+        shape = tuple(self.manifest["arrays"][name]["shape"])
+        region = tuple(slice(*r.indices(d)[:2]) for r, d in zip(region, shape, strict=True))
+        out = np.empty(tuple(r.stop - r.start for r in region), dtype)
+        if out.size == 0:
+            return out
+        reads: list[_Read] = []
+        copies = []
+        for shard, stored in zip(shards, self._regions(name, shards, shape), strict=True):
+            overlap = tuple(
+                slice(max(a.start, b.start), min(a.stop, b.stop))
+                for a, b in zip(region, stored, strict=True)
+            )
+            if any(o.start >= o.stop for o in overlap):
+                continue
+            stored_shape = tuple(r.stop - r.start for r in stored)
+            local = [o.start - r.start for o, r in zip(overlap, stored, strict=True)]
+            strides = _c_strides(stored_shape, dtype.itemsize)
+            first = sum(i * st for i, st in zip(local, strides, strict=True))
+            last = first + sum(
+                (o.stop - o.start - 1) * st for o, st in zip(overlap, strides, strict=True)
+            )
+            offset, crc = self._locate(shard, dtype, stored_shape)
+            size = math.prod(stored_shape) * dtype.itemsize
+            if isinstance(crc, str):  # one checksum: the whole tensor must be read
+                begin, end = 0, size
+            else:
+                begin = first // CRC_BLOCK * CRC_BLOCK
+                end = min(-(-(last + dtype.itemsize) // CRC_BLOCK) * CRC_BLOCK, size)
+            buffer = np.empty(end - begin, np.uint8)
+            reads.append(
+                _Read(
+                    shard["file"], offset + begin, buffer, crc, shard["tensor"], begin // CRC_BLOCK
+                )
+            )
+            values = buffer.view(dtype)[(first - begin) // dtype.itemsize :]
+            part = np.lib.stride_tricks.as_strided(
+                values, tuple(o.stop - o.start for o in overlap), strides, writeable=False
+            )
+            copies.append((part, overlap))
+        self._read_all(reads)
+        for part, overlap in copies:
+            out[
+                tuple(
+                    slice(o.start - r.start, o.stop - r.start)
+                    for o, r in zip(overlap, region, strict=True)
+                )
+            ] = part
+        return out
+
     def _regions(
-        self, name: str, shards: list[dict[str, Any]], out: np.ndarray
+        self, name: str, shards: list[dict[str, Any]], shape: tuple[int, ...]
     ) -> list[tuple[slice, ...]]:
-        where = f"{self.storage.join(self.directory, MANIFEST)}: array {name!r}"
-        full = [[0, d] for d in out.shape]
-        regions = [_shard_bounds(s.get("slice", full), list(out.shape), where) for s in shards]
+        where = f"{self._where}: array {name!r}"
+        full = [[0, d] for d in shape]
+        regions = [_shard_bounds(s.get("slice", full), list(shape), where) for s in shards]
         volume = sum(math.prod(r.stop - r.start for r in reg) for reg in regions)
         disjoint = all(
             any(a.stop <= b.start or b.stop <= a.start for a, b in zip(r1, r2, strict=True))
             for i, r1 in enumerate(regions)
             for r2 in regions[:i]
         )
-        if volume != out.size or not disjoint:
+        if volume != math.prod(shape) or not disjoint:
             raise CheckpointCorruptedError(f"{where}: shards do not tile the array exactly")
         return regions
 
-    def _plan(self, shard: dict[str, Any], out: np.ndarray) -> _Read:
+    def _locate(
+        self, shard: dict[str, Any], dtype: np.dtype, shape: tuple[int, ...]
+    ) -> tuple[int, str | list[str]]:
+        """Where the stored tensor of ``shard`` starts in its file, and its checksum,
+        after checking that it is what the manifest says."""
         file = shard["file"]
         data_start, header = self._header(file)  # offsets checked there (_check_tiling)
         entry = header.get(shard["tensor"])
-        code, st_shape = safetensors_layout(out.dtype, out.shape)
+        code, st_shape = safetensors_layout(dtype, shape)
+        nbytes = math.prod(shape) * dtype.itemsize
+        crc = shard["crc32"]
         if not (
             isinstance(entry, dict)
             and entry.get("dtype") == code
             and entry.get("shape") == st_shape
-            and entry["data_offsets"][1] - entry["data_offsets"][0] == out.nbytes
+            and entry["data_offsets"][1] - entry["data_offsets"][0] == nbytes
+            and (isinstance(crc, str) or len(crc) == -(-nbytes // CRC_BLOCK))
         ):
             raise CheckpointCorruptedError(
                 f"{self.storage.join(self.directory, file)}: tensor {shard['tensor']!r} is "
                 "missing or does not match the manifest"
             )
-        view = out.reshape(-1).view(np.uint8)
-        offset = data_start + entry["data_offsets"][0]
-        return _Read(file, offset, view, shard["crc32"], shard["tensor"])
+        return data_start + entry["data_offsets"][0], crc
+
+    def _plan(self, shard: dict[str, Any], out: np.ndarray) -> _Read:
+        offset, crc = self._locate(shard, out.dtype, out.shape)
+        return _Read(shard["file"], offset, out.reshape(-1).view(np.uint8), crc, shard["tensor"])
+
+    def _read_all(self, reads: list[_Read]) -> None:
+        reads.sort(key=attrgetter("file", "offset"))
+        parallel_map(self._read_group, _split_reads(reads))
 
     def _read_group(self, reads: list[_Read]) -> None:
-        fds: dict[str, int] = {}
+        files: dict[str, Any] = {}
         try:
             i = 0
             while i < len(reads):
-                # Neighbouring tensors of one file are read with one preadv.
+                # Neighbouring tensors of one file are read with one call.
                 j = i + 1
                 while (
                     j < len(reads)
@@ -674,18 +916,15 @@ class CheckpointReader:
                     j += 1
                 file = reads[i].file
                 path = self.storage.join(self.directory, file)
-                if file not in fds:
-                    fds[file] = self.storage.open_fd(path)
-                _preadv_all(fds[file], [r.view for r in reads[i:j]], reads[i].offset, path)
+                if file not in files:
+                    files[file] = self.storage.open_read(path)
+                _read_into(files[file], [r.view for r in reads[i:j]], reads[i].offset, path)
                 for r in reads[i:j]:
-                    if f"{zlib.crc32(r.view):08x}" != r.crc32:
-                        raise CheckpointCorruptedError(
-                            f"{path}: checksum mismatch in tensor {r.tensor!r}, the data is damaged"
-                        )
+                    _verify(r, path)
                 i = j
         finally:
-            for fd in fds.values():
-                os.close(fd)
+            for f in files.values():
+                f.close()
 
     def _header(self, file: str) -> tuple[int, dict[str, Any]]:
         if file in self._headers:
@@ -700,17 +939,17 @@ class CheckpointReader:
             raise CheckpointCorruptedError(
                 f"{path}: size is {size} bytes, the manifest says {expected['bytes']} (truncated?)"
             )
-        fd = self.storage.open_fd(path)
+        f = self.storage.open_read(path)
         try:
             prefix = np.empty(8, np.uint8)
-            _preadv_all(fd, [prefix], 0, path)
+            _read_into(f, [prefix], 0, path)
             length = int.from_bytes(prefix.tobytes(), "little")
             if length > min(size - 8, _MAX_HEADER):
                 raise CheckpointCorruptedError(f"{path}: header length {length} exceeds the file")
             raw = np.empty(length, np.uint8)
-            _preadv_all(fd, [raw], 8, path)
+            _read_into(f, [raw], 8, path)
         finally:
-            os.close(fd)
+            f.close()
         if f"{zlib.crc32(raw, zlib.crc32(prefix)):08x}" != expected["header_crc32"]:
             raise CheckpointCorruptedError(f"{path}: header checksum mismatch, the file is damaged")
         header = parse_json(raw.tobytes(), f"{path}: invalid header")
@@ -719,6 +958,33 @@ class CheckpointReader:
         _check_tiling(header, size - 8 - length, path)
         self._headers[file] = (8 + length, header)
         return self._headers[file]
+
+
+def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    strides = []
+    step = itemsize
+    for dim in reversed(shape):
+        strides.append(step)
+        step *= dim
+    return tuple(reversed(strides))
+
+
+def _verify(read: _Read, path: str) -> None:
+    """Check the bytes of ``read`` against their checksum (or checksum blocks)."""
+    if isinstance(read.crc32, str):
+        ok = f"{zlib.crc32(read.view):08x}" == read.crc32
+    else:
+        view = memoryview(read.view)
+        blocks = read.crc32[read.first_block :]
+        ok = all(
+            i // CRC_BLOCK < len(blocks)
+            and f"{zlib.crc32(view[i : i + CRC_BLOCK]):08x}" == blocks[i // CRC_BLOCK]
+            for i in range(0, view.nbytes, CRC_BLOCK)
+        )
+    if not ok:
+        raise CheckpointCorruptedError(
+            f"{path}: checksum mismatch in tensor {read.tensor!r}, the data is damaged"
+        )
 
 
 def _check_tiling(header: dict[str, Any], data_bytes: int, path: str) -> None:
@@ -755,11 +1021,8 @@ def _split_reads(reads: list[_Read]) -> list[list[_Read]]:
     return _split_contiguous(reads, [r.view.nbytes for r in reads])
 
 
-def _preadv_all(fd: int, views: list[np.ndarray], offset: int, path: str) -> None:
-    buffers = [memoryview(v) for v in views if v.nbytes]
-    while buffers:
-        n = os.preadv(fd, buffers, offset)
-        if n == 0:
-            raise CheckpointCorruptedError(f"{path}: unexpected end of file (truncated?)")
-        offset += n
-        buffers = skip_transferred(buffers, n)
+def _read_into(f: Any, views: list[np.ndarray], offset: int, path: str) -> None:
+    try:
+        f.readinto([memoryview(v) for v in views], offset)
+    except EOFError:
+        raise CheckpointCorruptedError(f"{path}: unexpected end of file (truncated?)") from None

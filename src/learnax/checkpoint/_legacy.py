@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import pickle
 from typing import Any
 
@@ -20,7 +19,7 @@ logger = logging.getLogger("learnax")
 SUFFIX = ".pyd"
 
 
-def load_legacy(path: str, allow_pickle: bool) -> dict[str, Any]:
+def load_legacy(storage: Any, path: str, allow_pickle: bool) -> dict[str, Any]:
     """Read a legacy pickle checkpoint, only if ``allow_pickle``.
 
     Returns the ``{"state", "step", "time", "metrics"}`` dict of a load.
@@ -32,7 +31,7 @@ def load_legacy(path: str, allow_pickle: bool) -> dict[str, Any]:
             "and for all, load it that way and save it again with a Checkpointer."
         )
     logger.warning("Unpickling legacy checkpoint %s (allow_pickle=True)", path)
-    with open(path, "rb") as f:
+    with storage.open_stream(path) as f:
         try:
             obj = pickle.load(f)  # noqa: S301 - explicitly allowed by the caller
         except Exception as e:
@@ -42,14 +41,14 @@ def load_legacy(path: str, allow_pickle: bool) -> dict[str, Any]:
         return {
             "state": obj["state"],
             "step": int(step) if step is not None else None,
-            "time": obj.get("time", os.path.getmtime(path)),
+            "time": obj.get("time", storage.mtime(path)),
             "metrics": dict(obj.get("metrics") or {}),
         }
     step = getattr(obj, "step", None)
     return {
         "state": obj,
         "step": int(step) if step is not None else None,
-        "time": os.path.getmtime(path),
+        "time": storage.mtime(path),
         "metrics": {},
     }
 

@@ -1,21 +1,31 @@
-"""Local filesystem storage: durable writes, the atomic commit step, listing and locking.
+"""Storage: durable writes, the atomic commit step, ranged reads, listing and locking.
 
-Everything the checkpoint format needs from storage goes through :class:`LocalStorage`,
-so that other backends (object stores through fsspec) can offer the same few operations.
+Everything the checkpoint format needs from storage goes through one of two classes
+with the same few operations: :class:`LocalStorage` for local (or locally mounted)
+filesystems, the fast path, and :class:`FsspecStorage` for any other fsspec URL
+(``s3://``, ``gs://``, ``memory://``...). :func:`open_storage` picks one for a path.
+
 Durability on a POSIX filesystem takes four things: ``fsync`` of each file's data,
 ``fsync`` of the directory so that the new files' entries are durable, an atomic
 ``rename`` to make the commit visible, and ``fsync`` of the directory again so that the
-rename itself survives a power cut.
+rename itself survives a power cut. On an object store an object is durable once its
+upload completes and a single PUT is atomic, so the commit is the manifest written last;
+nothing there relies on rename.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import shutil
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, BinaryIO, TypeVar
+
+T = TypeVar("T")
 
 try:  # POSIX only; on other systems the lock is a no-op.
     import fcntl
@@ -31,11 +41,36 @@ _BATCH_BYTES = 8 << 20
 _FLUSH_EVERY = 16 << 20
 
 
+def open_storage(
+    path: str, storage_options: dict[str, Any] | None = None
+) -> tuple[LocalStorage | FsspecStorage, str]:
+    """The storage for ``path`` and ``path`` as that storage names it: a plain path or a
+    ``file://`` URL gives :class:`LocalStorage` and a local path; any other URL gives
+    :class:`FsspecStorage` (fsspec must be installed, with the filesystem's package,
+    e.g. ``s3fs``) and the URL itself."""
+    if "://" not in path or path.startswith("file://"):
+        if storage_options:
+            raise ValueError(f"storage_options are for fsspec URLs, not the local path {path!r}")
+        return LocalStorage(), path.removeprefix("file://")
+    try:
+        import fsspec
+    except ImportError:
+        raise ImportError(
+            f"Checkpoints at {path!r} need fsspec and the filesystem's package: "
+            "pip install 'learnax[s3]' (s3fs) or 'learnax[gcs]' (gcsfs)."
+        ) from None
+    fs, _ = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    return FsspecStorage(fs), path.rstrip("/")
+
+
 class LocalStorage:
     """A directory tree on a local (or locally mounted) filesystem."""
 
     def join(self, *parts: str) -> str:
         return os.path.join(*parts)
+
+    def dirname(self, path: str) -> str:
+        return os.path.dirname(path)
 
     def makedirs(self, path: str) -> None:
         """Create ``path`` and its missing parents, durably: each new directory entry
@@ -72,9 +107,20 @@ class LocalStorage:
     def size(self, path: str) -> int:
         return os.stat(path).st_size
 
-    def open_fd(self, path: str) -> int:
-        """A file descriptor for reading ``path`` with ``os.preadv``; the caller closes it."""
-        return os.open(path, os.O_RDONLY)
+    def mtime(self, path: str) -> float:
+        return os.path.getmtime(path)
+
+    def unused(self, path: str) -> bool:
+        """Whether a leftover may be removed: always here, since a save in progress
+        holds the run's lock and cleanup runs only when it can take it."""
+        return True
+
+    def open_stream(self, path: str) -> BinaryIO:
+        return open(path, "rb")
+
+    def open_read(self, path: str) -> LocalReadFile:
+        """``path`` open for ranged reads; the caller closes it."""
+        return LocalReadFile(path)
 
     def read_bytes(self, path: str, limit: int) -> bytes:
         """The whole file, refusing files larger than ``limit`` bytes."""
@@ -177,6 +223,27 @@ class LocalStorage:
             os.close(fd)
 
 
+class LocalReadFile:
+    """A file read with ``preadv`` straight into the caller's buffers."""
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def readinto(self, views: list[memoryview], offset: int) -> None:
+        """Fill ``views`` with the bytes from ``offset`` on; ``EOFError`` if the file ends
+        first."""
+        buffers = [v for v in views if v.nbytes]
+        while buffers:
+            n = os.preadv(self._fd, buffers, offset)
+            if n == 0:
+                raise EOFError
+            offset += n
+            buffers = skip_transferred(buffers, n)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 def _writev_all(fd: int, views: list[memoryview]) -> int:
     total = sum(v.nbytes for v in views)
     if not hasattr(os, "writev"):  # pragma: no cover - Windows
@@ -245,3 +312,208 @@ class _Flusher:
         self._thread.join()
         if self._error is not None:
             raise self._error
+
+
+# Filesystems where directories are only key prefixes: nothing to create.
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "memory"}
+# A data file goes up in parts of this size (S3 needs at least 5 MiB but the last), so
+# the uploader holds at most about one part of a large array besides the array itself.
+_UPLOAD_PART = 32 << 20
+# Ranged reads ask for at most this much at once, for the same reason.
+_READ_PART = 64 << 20
+# On object stores (no lock), leftovers younger than this are not removed: see unused().
+LEFTOVER_GRACE_S = 3600.0
+
+
+def _as_oserror(method: Callable[..., T]) -> Callable[..., T]:
+    """Let a filesystem's own errors through as ``OSError``: fsspec backends raise
+    ``OSError`` for most failures, but some (a connection refused in botocore, say)
+    surface as their library's exception, and an I/O failure must fail the save the
+    same way whatever the backend."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return method(*args, **kwargs)
+        except (OSError, EOFError):
+            raise
+        except Exception as e:
+            raise OSError(f"{type(e).__name__}: {e}") from e
+
+    return wrapper
+
+
+class FsspecStorage:
+    """Any fsspec filesystem, addressed by URL (``s3://bucket/prefix/...``).
+
+    Object stores have no rename and no fsync: an object is durable when its upload
+    completes and a single PUT replaces an object atomically, so the manifest written
+    last is the commit. There is no lock either: one job writes a run at a time.
+    """
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        self._object_store = protocol in _OBJECT_STORES
+
+    def join(self, *parts: str) -> str:
+        return "/".join(p.rstrip("/") for p in parts[:-1]) + "/" + parts[-1]
+
+    def dirname(self, path: str) -> str:
+        return path.rstrip("/").rpartition("/")[0]
+
+    @_as_oserror
+    def makedirs(self, path: str) -> None:
+        if not self._object_store:
+            self.fs.makedirs(path, exist_ok=True)
+
+    def _fresh(self, path: str) -> None:
+        # Listings are cached by some filesystems (s3fs); another process may have
+        # written since.
+        self.fs.invalidate_cache(path)
+
+    @_as_oserror
+    def listdir(self, path: str) -> list[str]:
+        self._fresh(path)
+        try:
+            entries = self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        return [e.rstrip("/").rpartition("/")[2] for e in entries]
+
+    @_as_oserror
+    def isdir(self, path: str) -> bool:
+        self._fresh(path)
+        return bool(self.fs.isdir(path))
+
+    @_as_oserror
+    def isfile(self, path: str) -> bool:
+        self._fresh(self.dirname(path))
+        return bool(self.fs.isfile(path))
+
+    @_as_oserror
+    def size(self, path: str) -> int:
+        self._fresh(self.dirname(path))
+        return int(self.fs.size(path))
+
+    @_as_oserror
+    def mtime(self, path: str) -> float:
+        try:
+            return self.fs.modified(path).timestamp()
+        except (NotImplementedError, AttributeError):
+            return 0.0
+
+    @_as_oserror
+    def unused(self, path: str) -> bool:
+        """Whether a leftover (a file or a prefix) may be removed. Without a lock, a
+        file written in the last LEFTOVER_GRACE_S seconds may belong to a save still in
+        progress in another job (an evaluation job opening the run while it trains),
+        so it is left for a later Checkpointer."""
+        self._fresh(path)
+        try:
+            files = self.fs.find(path, detail=True) if self.fs.isdir(path) else {path: None}
+        except FileNotFoundError:
+            return True
+        now = time.time()
+        for name in files:
+            try:
+                if now - self.fs.modified(name).timestamp() < LEFTOVER_GRACE_S:
+                    return False
+            except FileNotFoundError:
+                continue
+            except (NotImplementedError, AttributeError):
+                return True  # no times kept (memory://): nothing to tell a save in progress by
+        return True
+
+    @_as_oserror
+    def read_bytes(self, path: str, limit: int) -> bytes:
+        if self.size(path) > limit:
+            raise OSError(errno.EFBIG, f"file larger than {limit} bytes", path)
+        return self.fs.cat_file(path)
+
+    @_as_oserror
+    def open_stream(self, path: str) -> BinaryIO:
+        return self.fs.open(path, "rb")
+
+    def open_read(self, path: str) -> FsspecReadFile:
+        return FsspecReadFile(self.fs, path)
+
+    @_as_oserror
+    def write_durable(self, path: str, chunks: Iterable[memoryview | bytes]) -> int:
+        """Upload ``chunks`` as one object, in parts: never the whole file in memory.
+        An upload that fails is aborted, so no partial object appears."""
+        written = 0
+        f = self.fs.open(path, "wb", block_size=_UPLOAD_PART)
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk).cast("B")
+                for start in range(0, view.nbytes, _UPLOAD_PART):
+                    f.write(view[start : start + _UPLOAD_PART])
+                written += view.nbytes
+        except BaseException:
+            with contextlib.suppress(Exception):
+                discard = getattr(f, "discard", None)
+                if discard is not None:
+                    discard()  # aborts a multipart upload
+                else:
+                    f.close()
+                    self.remove(path)
+            raise
+        f.close()
+        return written
+
+    @_as_oserror
+    def replace_atomic(self, path: str, data: bytes, tmp_name: str) -> None:
+        # One PUT: readers see the old object or the new one, never a mix.
+        self.fs.pipe_file(path, data)
+
+    def fsync_dir(self, path: str) -> None:
+        pass  # nothing to flush: an upload is durable once it completes
+
+    @_as_oserror
+    def remove(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(path)
+
+    @_as_oserror
+    def rmtree(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(path, recursive=True)
+
+    @contextlib.contextmanager
+    def lock(self, directory: str, *, blocking: bool = True) -> Iterator[bool]:
+        yield True  # object stores have no lock; see the class docstring
+
+
+class FsspecReadFile:
+    """Ranged GETs of one object, copied into the caller's buffers."""
+
+    def __init__(self, fs: Any, path: str) -> None:
+        self._fs = fs
+        self._path = path
+
+    @_as_oserror
+    def readinto(self, views: list[memoryview], offset: int) -> None:
+        pending = [v for v in views if v.nbytes]
+        while pending:
+            # As many whole buffers as fit in one request (at least one buffer, cut in
+            # pieces when larger than a request).
+            batch, size = [], 0
+            while pending and (not batch or size + pending[0].nbytes <= _READ_PART):
+                view = pending.pop(0)
+                if view.nbytes > _READ_PART:
+                    view, rest = view[:_READ_PART], view[_READ_PART:]
+                    pending.insert(0, rest)
+                batch.append(view)
+                size += view.nbytes
+            data = self._fs.cat_file(self._path, start=offset, end=offset + size)
+            if len(data) < size:
+                raise EOFError
+            source, done = memoryview(data), 0
+            for view in batch:
+                view[:] = source[done : done + view.nbytes]
+                done += view.nbytes
+            offset += size
+
+    def close(self) -> None:
+        pass

@@ -12,7 +12,7 @@ part of the saved tree (just ``params``) reads just that part.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.tree_util as jtu
@@ -27,24 +27,81 @@ except ImportError:  # pragma: no cover - private API moved
 
 
 def restore_into_target(
-    tree: _tree.Node, target: Any, read_nodes: Callable[[list[_tree.Node]], list[Any]]
+    tree: _tree.Node,
+    target: Any,
+    read_nodes: Callable[[list[_tree.Node]], list[Any]],
+    reader: RegionReader,
 ) -> Any:
     """Build a pytree shaped like ``target`` from the stored ``tree``.
 
     ``read_nodes`` turns stored nodes into their values, reading their arrays (all in
-    one batch, so that the reads run in parallel). Raises ``ValueError`` naming the
-    leaf path on any mismatch.
+    one batch, so that the reads run in parallel). A leaf whose sharding spans several
+    processes is read piece by piece through ``reader``: each process reads only the
+    parts its own devices hold. Raises ``ValueError`` naming the leaf path on any
+    mismatch.
     """
     saved, inner = _tree.index_tree(tree)
     flat, treedef = jtu.tree_flatten_with_path(target)
     wanted = [tuple(_tree.plain_key(k) for k in path) for path, _ in flat]
     prefix = _tree.find_prefix(saved, inner, wanted)
-    values = read_nodes([saved[(*prefix, *plain)] for plain in wanted])
-    leaves = [
-        _as_target_leaf(value, like, _tree.keystr(path))
-        for (path, like), value in zip(flat, values, strict=True)
-    ]
+    nodes = [saved[(*prefix, *plain)] for plain in wanted]
+    leaves: list[Any] = [None] * len(flat)
+    whole = []
+    for i, ((path, like), node) in enumerate(zip(flat, nodes, strict=True)):
+        name = _spanning_array(node, like, reader)
+        if name is None:
+            whole.append(i)
+        else:
+            leaves[i] = _read_spanning(reader, name, like, _tree.keystr(path))
+    values = read_nodes([nodes[i] for i in whole])
+    for i, value in zip(whole, values, strict=True):
+        path, like = flat[i]
+        leaves[i] = _as_target_leaf(value, like, _tree.keystr(path))
     return jtu.tree_unflatten(treedef, leaves)
+
+
+class RegionReader(Protocol):
+    def info(self, name: str) -> tuple[np.dtype, tuple[int, ...], str]: ...
+
+    def read_region(self, name: str, region: tuple[slice, ...]) -> np.ndarray: ...
+
+
+def _spanning_array(node: Any, like: Any, reader: RegionReader) -> str | None:
+    """The stored array's name when ``like`` asks for a jax array sharded over several
+    processes and the checkpoint has a plain array there; otherwise None."""
+    sharding = getattr(like, "sharding", None)
+    if not (
+        isinstance(like, (jax.Array, jax.ShapeDtypeStruct))
+        and isinstance(sharding, jax.sharding.Sharding)
+        and not sharding.is_fully_addressable
+        and isinstance(node, dict)
+        and isinstance(node.get("array"), str)
+    ):
+        return None
+    name = node["array"]
+    return name if reader.info(name)[2] == "array" else None
+
+
+def _read_spanning(reader: RegionReader, name: str, like: Any, where: str) -> jax.Array:
+    dtype, shape, _ = reader.info(name)
+    if shape != tuple(like.shape):
+        raise ValueError(
+            f"Leaf at {where}: shape {shape} in the checkpoint, {tuple(like.shape)} in the target"
+        )
+    if dtype != np.dtype(like.dtype):
+        raise ValueError(
+            f"Leaf at {where}: dtype {dtype} in the checkpoint, {np.dtype(like.dtype)} in the target"
+        )
+    pieces: dict[Any, np.ndarray] = {}
+
+    def piece(index: tuple[slice, ...]) -> np.ndarray:
+        # Devices holding the same part (replicas) share one read.
+        key = tuple(s.indices(d)[:2] for s, d in zip(index, shape, strict=True))
+        if key not in pieces:
+            pieces[key] = reader.read_region(name, index)
+        return pieces[key]
+
+    return jax.make_array_from_callback(shape, like.sharding, piece)
 
 
 def _as_target_leaf(value: Any, like: Any, where: str) -> Any:
