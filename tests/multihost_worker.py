@@ -388,6 +388,19 @@ class Worker:
         self.result["listed"] = ckpt.list_available_checkpoints()
         ckpt.close()
 
+    def scenario_unshared(self):
+        """Each process saves to its own directory, as on hosts that do not share it."""
+        jax = self.start_jax()
+        mesh = self.mesh((2, 2), ("x", "y"))
+        self.params["registry"] = self.params["registries"][self.process_id]
+        ckpt = self.checkpointer(save_every=None, checkpoint_every=None, multihost_timeout=30)
+        state = self.global_state(mesh)
+        jax.block_until_ready(state)
+        t0 = time.monotonic()
+        self.result["path"] = ckpt.save_checkpoint(state, step=STEP)
+        self.result["seconds"] = time.monotonic() - t0
+        self.result["listed"] = ckpt.list_available_checkpoints()
+
     def scenario_kill(self):
         """Step 1 commits; at step 2 process 1 SIGKILLs itself mid data write."""
         jax = self.start_jax()

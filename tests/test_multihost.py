@@ -438,6 +438,21 @@ def test_each_process_writes_only_the_shards_it_holds(saved):
         )
 
 
+def test_a_run_directory_that_the_hosts_do_not_share_fails_the_save_clearly(tmp_path):
+    """Each process saving to a directory of its own (hosts with local disks): process 0
+    cannot see the others' files, so nothing is committed and every save returns None,
+    at once, not after the timeout."""
+    registries = [str(tmp_path / f"host{i}") for i in range(2)]
+    run = launch(
+        "unshared", tmp_path / "out", processes=2, devices=2, params={"registries": registries}
+    )
+    results = run.check()
+    assert [r["path"] for r in results] == [None, None], run.report()
+    assert all(r["seconds"] < 20 for r in results), run.report()
+    assert all(r["listed"] == {} for r in results), run.report()
+    assert "not visible to process 0" in run.report(), run.report()
+
+
 def test_replicated_shards_are_written_once(saved):
     checkpoint = saved.path()
     manifest = read_manifest(checkpoint)

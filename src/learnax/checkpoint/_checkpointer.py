@@ -247,9 +247,7 @@ class Checkpointer:
                 _watch_sigterm()
         # Multi-host: process 0 commits, cleans up and applies retention; the others
         # write their shards and wait for its word.
-        self._coord = (
-            Coordinator(self.checkpoint_dir, multihost_timeout) if is_multihost() else None
-        )
+        self._coord = Coordinator(run_id, multihost_timeout) if is_multihost() else None
         self._storage.makedirs(self.checkpoint_dir)
         self.best_metric_value: float = math.inf if self.minimize_metric else -math.inf
         if self._coord is None or self._coord.leader:
@@ -588,6 +586,18 @@ class Checkpointer:
                 merged = _format.merge_parts(parts, leaves, directory)
             except ValueError as e:
                 raise PeerError(str(e)) from None
+            for name, info in merged.files.items():
+                # A run directory on each host's own disk would commit a checkpoint
+                # whose other files are elsewhere: refuse it here, clearly.
+                path = self._storage.join(directory, name)
+                if info["process"] != 0 and not (
+                    self._storage.isfile(path) and self._storage.size(path) == info["bytes"]
+                ):
+                    raise PeerError(
+                        f"process {info['process']}'s data file {path} is not visible to "
+                        "process 0: on a multi-host run the registry must be storage that "
+                        "every host shares (an object store or a shared filesystem)"
+                    )
             body = _format.manifest_body(tree, merged, step, write.metrics, write.extra)
             with self._storage.lock(self.checkpoint_dir):
                 _format.commit(

@@ -35,10 +35,13 @@ def is_multihost() -> bool:
     """Whether this process is one of several of a ``jax.distributed`` run. Asked of the
     distributed runtime, not of ``jax.process_count()``, which would start the backends:
     a Checkpointer created before ``jax.distributed.initialize()`` must not break it."""
-    from jax._src import distributed
+    try:
+        from jax._src import distributed
 
-    state = distributed.global_state
-    return state.client is not None and (state.num_processes or 1) > 1
+        state = distributed.global_state
+        return state.client is not None and (state.num_processes or 1) > 1
+    except (ImportError, AttributeError):  # pragma: no cover - private API moved
+        return jax.process_count() > 1
 
 
 class PeerError(OSError):
@@ -48,7 +51,7 @@ class PeerError(OSError):
 class Coordinator:
     """Key-value exchanges and barriers among the processes, for one Checkpointer."""
 
-    def __init__(self, checkpoint_dir: str, timeout: float) -> None:
+    def __init__(self, run_id: str, timeout: float) -> None:
         from jax._src import distributed  # the runtime jax.distributed.initialize starts
 
         self._client = distributed.global_state.client
@@ -60,11 +63,13 @@ class Coordinator:
         self.process = jax.process_index()
         self.count = jax.process_count()
         self.timeout_ms = max(1, int(timeout * 1000))
-        # Checkpointers of the same directory are told apart by creation order.
+        # Keyed by run, not by path: the same run may sit at different paths on
+        # different hosts (a mistake that the commit then reports clearly); two
+        # Checkpointers of one run are told apart by creation order.
         with _instances_lock:
-            n = _instances.get(checkpoint_dir, 0)
-            _instances[checkpoint_dir] = n + 1
-        self._prefix = f"learnax/{zlib.crc32(checkpoint_dir.encode()):08x}-{n}"
+            n = _instances.get(run_id, 0)
+            _instances[run_id] = n + 1
+        self._prefix = f"learnax/{zlib.crc32(run_id.encode()):08x}-{n}"
         self._counter = itertools.count()
         self._used: list[int] = []  # on process 0: exchanges whose keys still exist
         self._lock = threading.Lock()
