@@ -644,19 +644,19 @@ def table_rows(result: SizeResult, reps: int) -> list[list[str]]:
 HEADERS = ["operation", "n", "median s", "min s", "GB/s", "x raw", "vs learnax", "+RSS MiB"]
 
 
-def format_table(rows: list[list[str]], markdown: bool) -> str:
+def format_table(rows: list[list[str]], markdown: bool, headers: list[str] = HEADERS) -> str:
     if markdown:
-        lines = ["| " + " | ".join(HEADERS) + " |"]
-        lines.append("|" + "|".join([":---"] + ["---:"] * (len(HEADERS) - 1)) + "|")
+        lines = ["| " + " | ".join(headers) + " |"]
+        lines.append("|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|")
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         return "\n".join(lines)
-    widths = [max(len(r[i]) for r in [HEADERS, *rows]) for i in range(len(HEADERS))]
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
 
     def line(cells: list[str]) -> str:
         first = cells[0].ljust(widths[0])
         return "  ".join([first] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)])
 
-    return "\n".join([line(HEADERS), line(["-" * w for w in widths]), *map(line, rows)])
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def summary(result: SizeResult) -> str:

@@ -79,21 +79,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def format_table(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
-    if markdown:
-        lines = ["| " + " | ".join(headers) + " |"]
-        lines.append("|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|")
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines)
-    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-
-    def line(cells: list[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        return "  ".join([first] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)])
-
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
-
-
 def seconds(s: float) -> str:
     return bench_run._seconds(s)
 
@@ -388,7 +373,7 @@ def run_s3(args: argparse.Namespace, root: str, out: Callable[[str], None]) -> d
     out(f"### {title}\n" if args.markdown else title)
     out(f"moto server: {server.endpoint_url} (a subprocess, stopped now)")
     out("")
-    out(format_table(S3_HEADERS, s3_table(times, total), args.markdown))
+    out(bench_run.format_table(s3_table(times, total), args.markdown, S3_HEADERS))
     out("")
     files = {store.name: store.data_files for store in stores if store.name != "raw"}
     lines = s3_summary(times) + [
@@ -486,7 +471,9 @@ def mh_child_run(config: dict[str, Any]) -> dict[str, Any]:
     reps = []
     for rep in range(config["warmup"] + config["reps"]):
         step = rep + 1
-        # All processes start each operation together, so their times are comparable.
+        # Earlier writes flushed first (as in part s3), so this save's fsyncs pay for its
+        # own data only; then all processes start together, so their times compare.
+        os.sync()
         multihost_utils.sync_global_devices(f"save {step}")
         before = io_counters()
         save_s, path = timed(lambda s=step: ckpt.save_checkpoint(state, step=s))
@@ -692,7 +679,7 @@ def run_multihost(
     rows = [row for label, results in by_label.items() for row in mh_rows(label, results)]
     out(f"### {title}\n" if args.markdown else title)
     out("")
-    out(format_table(MH_HEADERS, rows, args.markdown))
+    out(bench_run.format_table(rows, args.markdown, MH_HEADERS))
     out("")
     for line in mh_summary(by_label, total):
         out(line + ("  " if args.markdown else ""))

@@ -571,40 +571,7 @@ class Checkpointer:
             if part is None:
                 raise PeerError(json.loads(mine)["error"])
             received = [json.loads(v) for v in coord.gather(write.exchange, mine)]
-            errors = [r["error"] for r in received if "error" in r]
-            if errors:
-                raise PeerError("; ".join(errors))
-            for process, r in enumerate(received):
-                if (r["name"], r["step"]) != (write.name, step):
-                    raise PeerError(
-                        f"process {process} saved {r['name']} at step {r['step']} while "
-                        f"process 0 saved {write.name} at step {step}: every process must "
-                        "make the same calls"
-                    )
-            parts = [_format.Part.from_json(r["part"]) for r in received]
-            try:
-                merged = _format.merge_parts(parts, leaves, directory)
-            except ValueError as e:
-                raise PeerError(str(e)) from None
-            for name, info in merged.files.items():
-                # A run directory on each host's own disk would commit a checkpoint
-                # whose other files are elsewhere: refuse it here, clearly.
-                path = self._storage.join(directory, name)
-                if info["process"] != 0 and not (
-                    self._storage.isfile(path) and self._storage.size(path) == info["bytes"]
-                ):
-                    raise PeerError(
-                        f"process {info['process']}'s data file {path} is not visible to "
-                        "process 0: on a multi-host run the registry must be storage that "
-                        "every host shares (an object store or a shared filesystem)"
-                    )
-            body = _format.manifest_body(tree, merged, step, write.metrics, write.extra)
-            with self._storage.lock(self.checkpoint_dir):
-                _format.commit(
-                    self._storage, directory, _format.manifest_bytes(body), set(merged.files)
-                )
-            if write.retention:
-                self._apply_retention()
+            self._commit_parts(write, directory, tree, leaves, step, received)
             outcome = {}
         except _format.VisibleNotDurableError as e:
             outcome = {"error": f"process 0: {e}", "visible": True}
@@ -616,6 +583,52 @@ class Checkpointer:
             raise
         finally:
             coord.broadcast(f"{write.exchange}/outcome", outcome)
+
+    def _commit_parts(
+        self,
+        write: _Write,
+        directory: str,
+        tree: Any,
+        leaves: list[Any],
+        step: int,
+        received: list[dict[str, Any]],
+    ) -> None:
+        """On process 0: check what every process wrote, commit it as one checkpoint,
+        and apply retention. Raises ``OSError`` (``PeerError`` for a bad part)."""
+        errors = [r["error"] for r in received if "error" in r]
+        if errors:
+            raise PeerError("; ".join(errors))
+        for process, r in enumerate(received):
+            if (r["name"], r["step"]) != (write.name, step):
+                raise PeerError(
+                    f"process {process} saved {r['name']} at step {r['step']} while "
+                    f"process 0 saved {write.name} at step {step}: every process must "
+                    "make the same calls"
+                )
+        try:
+            parts = [_format.Part.from_json(r["part"]) for r in received]
+            merged = _format.merge_parts(parts, leaves, directory)
+        except ValueError as e:
+            raise PeerError(str(e)) from None
+        for name, info in merged.files.items():
+            # A run directory on each host's own disk would commit a checkpoint whose
+            # other files are elsewhere: refuse it here, clearly.
+            path = self._storage.join(directory, name)
+            if info["process"] != 0 and not (
+                self._storage.isfile(path) and self._storage.size(path) == info["bytes"]
+            ):
+                raise PeerError(
+                    f"process {info['process']}'s data file {path} is not visible to "
+                    "process 0: on a multi-host run the registry must be storage that "
+                    "every host shares (an object store or a shared filesystem)"
+                )
+        body = _format.manifest_body(tree, merged, step, write.metrics, write.extra)
+        with self._storage.lock(self.checkpoint_dir):
+            _format.commit(
+                self._storage, directory, _format.manifest_bytes(body), set(merged.files)
+            )
+        if write.retention:
+            self._apply_retention()
 
     def _write_in_background(
         self, tree: Any, leaves: list[Any], step: int, writes: list[_Write]

@@ -128,10 +128,13 @@ class Coordinator:
 
     def _set(self, key: str, value: str) -> None:
         pieces = [value[i : i + _PIECE] for i in range(0, len(value), _PIECE)] or [""]
-        for i, piece in enumerate(pieces[1:], 1):
-            self._client.key_value_set(f"{key}/piece{i}", piece)
-        # The first piece, written last, carries the count: once it is there, all are.
-        self._client.key_value_set(key, f"{len(pieces)}:{pieces[0]}")
+        try:
+            for i, piece in enumerate(pieces[1:], 1):
+                self._client.key_value_set(f"{key}/piece{i}", piece)
+            # The first piece, written last, carries the count: once it is there, all are.
+            self._client.key_value_set(key, f"{len(pieces)}:{pieces[0]}")
+        except Exception as e:  # jax raises its own runtime error type
+            raise PeerError(f"cannot reach JAX's coordination service ({key}): {e}") from None
 
     def _get(self, key: str, timeout_ms: int) -> str:
         try:
