@@ -11,17 +11,26 @@ restored = ckpt.load_latest(target=state)
 """
 
 from ._checkpointer import Checkpointer
+from ._convert import convert
 from ._errors import (
     CheckpointCorruptedError,
     CheckpointError,
     CheckpointSaveError,
     LegacyPickleError,
 )
+from ._inspect import CheckpointInfo, LeafInfo, diff, prune, read_info, verify
 
 __all__ = [
     "CheckpointCorruptedError",
     "CheckpointError",
+    "CheckpointInfo",
     "CheckpointSaveError",
     "Checkpointer",
+    "LeafInfo",
     "LegacyPickleError",
+    "convert",
+    "diff",
+    "prune",
+    "read_info",
+    "verify",
 ]

@@ -708,14 +708,7 @@ class Checkpointer:
     # ----------------------------------------------------------------- retention
 
     def _apply_retention(self) -> None:
-        if self.max_to_keep is None:
-            return
-        steps = sorted(
-            s
-            for s in self._numbered_steps()
-            if not (self.keep_period and s % self.keep_period == 0)
-        )
-        for step in steps[: max(len(steps) - self.max_to_keep, 0)]:
+        for step in retention_victims(self._numbered_steps(), self.max_to_keep, self.keep_period):
             self._delete(f"{_PREFIX}{step}")
 
     def _delete(self, name: str) -> None:
@@ -1055,6 +1048,17 @@ class Checkpointer:
 
     def __repr__(self) -> str:
         return f"Checkpointer({self.checkpoint_dir!r})"
+
+
+def retention_victims(
+    steps: list[int], max_to_keep: int | None, keep_period: int | None
+) -> list[int]:
+    """The numbered steps that retention deletes: all but the newest ``max_to_keep``,
+    never a multiple of ``keep_period`` (those do not count toward ``max_to_keep``)."""
+    if max_to_keep is None:
+        return []
+    counted = sorted(s for s in steps if not (keep_period and s % keep_period == 0))
+    return counted[: max(len(counted) - max_to_keep, 0)]
 
 
 # --------------------------------------------------------------------------- checks

@@ -56,7 +56,7 @@ _MANIFEST_SUFFIX = b"}\n"
 _DATA_FILE = re.compile(r"\Adata-[A-Za-z0-9_-]{1,64}\.safetensors\Z")
 _PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 # safetensors itself refuses headers over 100 MB; so do we, before allocating.
-_MAX_HEADER = 100_000_000
+MAX_HEADER = 100_000_000
 _MAX_MANIFEST = 1 << 30
 # Trees are at most _tree.MAX_DEPTH deep; JSON a little more (manifest framing).
 _MAX_JSON_DEPTH = 2 * _tree.MAX_DEPTH + 16
@@ -282,6 +282,15 @@ def write_part(
         remove_files(storage, directory, files)
         raise
     return part
+
+
+def write_tensors_file(storage: Storage, path: str, leaves: list[_tree.ArrayLeaf]) -> None:
+    """Write the arrays ``leaves`` (named by ``leaf.name``) as one safetensors file at
+    ``path``, durably: the export of a checkpoint's arrays for other tools."""
+    tensors = [_whole(leaf) for leaf in leaves]
+    size = storage.write_durable(path, _data_chunks(_safetensors_header(tensors), tensors))
+    if size != len(_safetensors_header(tensors)) + sum(t.nbytes for t in tensors):
+        raise OSError(f"{path}: written size does not match")
 
 
 def remove_files(storage: Storage, directory: str, names: Iterable[str]) -> None:
@@ -752,6 +761,12 @@ class CheckpointReader:
         entry = self.manifest["arrays"][name]
         return dtype, tuple(entry["shape"]), entry.get("kind", "array")
 
+    def check_files(self) -> None:
+        """Check every data file the manifest names: present, of the right size, with an
+        intact header whose tensors tile its data (the bytes are checked as read)."""
+        for file in self.manifest["files"]:
+            self._header(file)
+
     def prefetch(self, names: list[str]) -> None:
         """Read and verify the named arrays, spreading the reads over the I/O threads."""
         reads: list[_Read] = []
@@ -918,7 +933,7 @@ class CheckpointReader:
                 path = self.storage.join(self.directory, file)
                 if file not in files:
                     files[file] = self.storage.open_read(path)
-                _read_into(files[file], [r.view for r in reads[i:j]], reads[i].offset, path)
+                read_into(files[file], [r.view for r in reads[i:j]], reads[i].offset, path)
                 for r in reads[i:j]:
                     _verify(r, path)
                 i = j
@@ -942,12 +957,12 @@ class CheckpointReader:
         f = self.storage.open_read(path)
         try:
             prefix = np.empty(8, np.uint8)
-            _read_into(f, [prefix], 0, path)
+            read_into(f, [prefix], 0, path)
             length = int.from_bytes(prefix.tobytes(), "little")
-            if length > min(size - 8, _MAX_HEADER):
+            if length > min(size - 8, MAX_HEADER):
                 raise CheckpointCorruptedError(f"{path}: header length {length} exceeds the file")
             raw = np.empty(length, np.uint8)
-            _read_into(f, [raw], 8, path)
+            read_into(f, [raw], 8, path)
         finally:
             f.close()
         if f"{zlib.crc32(raw, zlib.crc32(prefix)):08x}" != expected["header_crc32"]:
@@ -955,7 +970,7 @@ class CheckpointReader:
         header = parse_json(raw.tobytes(), f"{path}: invalid header")
         if not isinstance(header, dict):
             raise CheckpointCorruptedError(f"{path}: header is not an object")
-        _check_tiling(header, size - 8 - length, path)
+        check_tiling(header, size - 8 - length, path)
         self._headers[file] = (8 + length, header)
         return self._headers[file]
 
@@ -987,7 +1002,7 @@ def _verify(read: _Read, path: str) -> None:
         )
 
 
-def _check_tiling(header: dict[str, Any], data_bytes: int, path: str) -> None:
+def check_tiling(header: dict[str, Any], data_bytes: int, path: str) -> None:
     """The tensors of a data file cover its data section exactly, in order, without
     overlap or gap (as the safetensors library requires): no two tensors can share
     bytes, and no byte goes unchecked."""
@@ -1021,7 +1036,7 @@ def _split_reads(reads: list[_Read]) -> list[list[_Read]]:
     return _split_contiguous(reads, [r.view.nbytes for r in reads])
 
 
-def _read_into(f: Any, views: list[np.ndarray], offset: int, path: str) -> None:
+def read_into(f: Any, views: list[np.ndarray], offset: int, path: str) -> None:
     try:
         f.readinto([memoryview(v) for v in views], offset)
     except EOFError:

@@ -28,9 +28,11 @@ def load_legacy(storage: Any, path: str, allow_pickle: bool) -> dict[str, Any]:
         raise LegacyPickleError(
             f"{path} is a pickle checkpoint of the original learnax. Loading it would run "
             "code from the file. If you trust it, pass allow_pickle=True; to convert it once "
-            "and for all, load it that way and save it again with a Checkpointer."
+            f"and for all: learnax convert {path} <checkpoints dir>/state_<step> --allow-pickle"
         )
-    logger.warning("Unpickling legacy checkpoint %s (allow_pickle=True)", path)
+    logger.warning(
+        "Unpickling legacy checkpoint %s (allow_pickle=True): this runs code from the file", path
+    )
     with storage.open_stream(path) as f:
         try:
             obj = pickle.load(f)  # noqa: S301 - explicitly allowed by the caller

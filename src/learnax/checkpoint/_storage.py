@@ -115,6 +115,17 @@ class LocalStorage:
         holds the run's lock and cleanup runs only when it can take it."""
         return True
 
+    def usage(self, path: str) -> tuple[int, float]:
+        """Bytes of all files under ``path`` and the newest modification time."""
+        total, newest = 0, 0.0
+        for root, _, files in os.walk(path):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    st = os.stat(os.path.join(root, name))
+                    total += st.st_size
+                    newest = max(newest, st.st_mtime)
+        return total, newest
+
     def open_stream(self, path: str) -> BinaryIO:
         return open(path, "rb")
 
@@ -424,6 +435,25 @@ class FsspecStorage:
             except (NotImplementedError, AttributeError):
                 return True  # no times kept (memory://): nothing to tell a save in progress by
         return True
+
+    @_as_oserror
+    def usage(self, path: str) -> tuple[int, float]:
+        self._fresh(path)
+        try:
+            infos = self.fs.find(path, detail=True)
+        except FileNotFoundError:
+            return 0, 0.0
+        total, newest = 0, 0.0
+        for info in infos.values():
+            total += int(info.get("size") or 0)
+            for key in ("LastModified", "mtime", "updated", "created"):
+                when = info.get(key)
+                if hasattr(when, "timestamp"):
+                    when = when.timestamp()
+                if isinstance(when, (int, float)):
+                    newest = max(newest, float(when))
+                    break
+        return total, newest
 
     @_as_oserror
     def read_bytes(self, path: str, limit: int) -> bytes:

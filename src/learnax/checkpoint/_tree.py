@@ -222,7 +222,8 @@ def _is_namedtuple_class(cls: type) -> bool:
 # --------------------------------------------------------------------------- decode
 
 ArrayGetter = Callable[[str], Any]
-_SCALAR_TAGS = ("bool", "int", "float", "complex", "str")
+SCALAR_TAGS = ("bool", "int", "float", "complex", "str")
+_SCALAR_TAGS = SCALAR_TAGS
 
 
 def decode_tree(node: Node, get_array: ArrayGetter) -> Any:
@@ -450,3 +451,30 @@ def find_prefix(
 
 def _plain_keystr(path: KeyPath) -> str:
     return "".join(f"[{k!r}]" for k in path) or "<root>"
+
+
+def leaf_nodes(node: Node) -> list[tuple[KeyPath, Node]]:
+    """The leaves of a stored tree (arrays, scalars, ``None``) in tree order, each with
+    its path of plain keys (NamedTuple fields by name), without reading any array."""
+    out: list[tuple[KeyPath, Node]] = []
+    stack: list[tuple[KeyPath, Node]] = [((), node)]
+    while stack:
+        path, n = stack.pop()
+        if len(path) > MAX_DEPTH:
+            raise MalformedTreeError(f"tree nested deeper than {MAX_DEPTH} levels")
+        if n is None:
+            out.append((path, None))
+            continue
+        tag = _tag(n, path)
+        if tag in _SCALAR_TAGS or tag == "array":
+            out.append((path, n))
+            continue
+        if tag in ("list", "tuple", "namedtuple"):
+            children: list[tuple[Any, Node]] = list(enumerate(_expect(n[tag], list, path)))
+            fields = n.get("fields") if tag == "namedtuple" else None
+            if isinstance(fields, list) and len(fields) == len(children):
+                children = [(f, c) for f, (_, c) in zip(fields, children, strict=True)]
+        else:
+            children = _pairs(n[tag], path)
+        stack.extend(((*path, k), c) for k, c in reversed(children))
+    return out

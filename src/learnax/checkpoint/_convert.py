@@ -1,0 +1,215 @@
+"""Checkpoints in from other formats, and out to one safetensors file.
+
+Sources: a legacy ``state_*.pyd`` pickle of the original learnax (only when the caller
+allows unpickling), an Orbax checkpoint directory (read by orbax itself), a
+safetensors file, or a learnax checkpoint. The state is loaded into host memory and
+written as a learnax checkpoint, or its arrays as one safetensors file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from . import _format, _legacy, _tree
+from ._dtypes import SAFETENSORS_CODES, dtype_from_name
+from ._errors import CheckpointCorruptedError
+from ._storage import open_storage
+
+logger = logging.getLogger("learnax")
+
+_FROM_CODE = {code: dtype_from_name(name) for name, code in SAFETENSORS_CODES.items()}
+
+
+def convert(
+    src: str,
+    dst: str,
+    *,
+    allow_pickle: bool = False,
+    step: int | None = None,
+    only: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """Convert the checkpoint at ``src`` and write it to ``dst``.
+
+    **Arguments:**
+
+    - `src`: a legacy ``state_*.pyd`` pickle, an Orbax checkpoint directory, a
+      ``.safetensors`` file, or a learnax checkpoint directory.
+    - `dst`: a learnax checkpoint directory (``<registry>/<run>/checkpoints/state_<name>``,
+      loadable with ``Checkpointer(registry, run).load_checkpoint(name)``), or a path
+      ending in ``.safetensors``: the arrays in one file, named by tree path.
+    - `allow_pickle`: needed for a legacy pickle (unpickling runs code from the file).
+    - `step`: the step to store when the source has none (else 0).
+    - `only`: a subtree to keep, as keys joined by "/" (e.g. ``"params"``).
+    - `storage_options`: options for the fsspec filesystem of URLs.
+
+    **Returns:** the path written.
+
+    **Example:** `convert("old/state_1000.pyd", "runs/x/checkpoints/state_1000", allow_pickle=True)`
+    """
+    state, found_step, metrics = load_source(
+        src, allow_pickle=allow_pickle, storage_options=storage_options
+    )
+    if only:
+        state = subtree(state, only)
+    storage, dst = open_storage(str(dst), storage_options)
+    if dst.endswith(".safetensors"):
+        if storage.dirname(dst):
+            storage.makedirs(storage.dirname(dst))
+        write_safetensors(storage, dst, named_arrays(state, prefix=only or ""))
+        return dst
+    name = dst.rstrip("/").rpartition("/")[2]
+    if not name.startswith("state_"):
+        raise ValueError(
+            f"{dst}: the destination must be a checkpoint directory "
+            "<registry>/<run>/checkpoints/state_<name>, or a .safetensors file"
+        )
+    if storage.isfile(storage.join(dst, _format.MANIFEST)):
+        raise FileExistsError(f"{dst} already holds a checkpoint; remove it first")
+    tree, leaves = _tree.encode_tree(state)
+    final_step = found_step if found_step is not None else (step or 0)
+    _format.write_checkpoint(
+        storage,
+        dst,
+        tree=tree,
+        leaves=leaves,
+        step=final_step,
+        metrics=_format.encode_metrics(metrics),
+    )
+    return dst
+
+
+def load_source(
+    src: str, *, allow_pickle: bool = False, storage_options: dict[str, Any] | None = None
+) -> tuple[Any, int | None, dict[str, Any]]:
+    """The state, step (None when unknown) and metrics of a checkpoint in any format
+    ``convert`` reads; arrays as NumPy."""
+    storage, src = open_storage(str(src), storage_options)
+    if src.endswith(_legacy.SUFFIX):
+        loaded = _legacy.load_legacy(storage, src, allow_pickle)
+        return jax.device_get(loaded["state"]), loaded["step"], loaded["metrics"]
+    if src.endswith(".safetensors"):
+        return read_safetensors(storage, src), None, {}
+    if storage.isfile(storage.join(src, _format.MANIFEST)):
+        return _load_learnax(storage, src)
+    if storage.isdir(src):
+        if "://" in src:
+            raise ValueError(f"{src}: Orbax checkpoints are converted from local paths only")
+        return _load_orbax(os.path.abspath(src))  # orbax wants absolute paths
+    raise FileNotFoundError(f"No checkpoint at {src}")
+
+
+def _load_learnax(storage: Any, path: str) -> tuple[Any, int, dict[str, Any]]:
+    manifest = _format.read_manifest(storage, path)
+    reader = _format.CheckpointReader(storage, path, manifest)
+    try:
+        reader.prefetch(_tree.array_names(manifest["tree"]))
+        state = _tree.decode_tree(manifest["tree"], reader.array)
+    except _tree.MalformedTreeError as e:
+        raise CheckpointCorruptedError(f"{path}: invalid tree: {e}") from None
+    return state, manifest["step"], _format.decode_metrics(manifest["metrics"], path)
+
+
+def _load_orbax(path: str) -> tuple[Any, int | None, dict[str, Any]]:
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError:
+        raise ImportError(
+            f"{path} looks like an Orbax checkpoint; reading it needs orbax: "
+            "pip install orbax-checkpoint"
+        ) from None
+    step = None
+    name = os.path.basename(path.rstrip("/"))
+    if name.isdigit():  # a CheckpointManager step directory: <dir>/<step>/<item>/
+        step = int(name)
+    if not os.path.exists(os.path.join(path, "_METADATA")):
+        items = [
+            e
+            for e in sorted(os.listdir(path))
+            if os.path.exists(os.path.join(path, e, "_METADATA"))
+        ]
+        if len(items) != 1:
+            raise ValueError(
+                f"{path} is neither a learnax nor a single-item Orbax checkpoint "
+                f"(items found: {items})"
+            )
+        path = os.path.join(path, items[0])
+    state = ocp.StandardCheckpointer().restore(path)
+    return jax.device_get(state), step, {}
+
+
+def subtree(state: Any, only: str) -> Any:
+    """The part of ``state`` at ``only`` (keys joined by "/"): dict keys, attributes
+    (a flax TrainState's ``params``) or sequence indices."""
+    node = state
+    for key in only.strip("/").split("/"):
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, (list, tuple)) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        elif hasattr(node, key) and not isinstance(node, (dict, list)):
+            node = getattr(node, key)
+        else:
+            raise KeyError(f"--only {only!r}: no {key!r} in the checkpoint")
+    return node
+
+
+def named_arrays(state: Any, prefix: str = "") -> dict[str, np.ndarray]:
+    """The arrays of a tree by path (keys joined by "/", under ``prefix``); Python
+    scalars and strings, which safetensors cannot hold, are left out (logged)."""
+    _, leaves = _tree.encode_tree(state)
+    out = {}
+    for leaf in leaves:
+        name = f"{prefix.strip('/')}/{leaf.name}" if prefix else leaf.name
+        out[name] = np.asarray(leaf.value)
+    return out
+
+
+def write_safetensors(storage: Any, path: str, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` as one safetensors file (durably)."""
+    leaves = [_tree.ArrayLeaf(name, (), value, "array") for name, value in arrays.items()]
+    _format.write_tensors_file(storage, path, leaves)
+
+
+def read_safetensors(storage: Any, path: str) -> dict[str, np.ndarray]:
+    """The arrays of a safetensors file, with the same checks learnax makes on its own
+    files (header size and JSON, tensors tiling the data section); works on URLs."""
+    size = storage.size(path)
+    f = storage.open_read(path)
+    try:
+        prefix = np.empty(8, np.uint8)
+        _format.read_into(f, [prefix], 0, path)
+        length = int.from_bytes(prefix.tobytes(), "little")
+        if length > size - 8 or length > _format.MAX_HEADER:
+            raise CheckpointCorruptedError(f"{path}: header length {length} exceeds the file")
+        raw = np.empty(length, np.uint8)
+        _format.read_into(f, [raw], 8, path)
+        header = _format.parse_json(raw.tobytes(), f"{path}: invalid header")
+        if not isinstance(header, dict):
+            raise CheckpointCorruptedError(f"{path}: header is not an object")
+        _format.check_tiling(header, size - 8 - length, path)
+        out = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _FROM_CODE.get(entry.get("dtype"))
+            shape = entry.get("shape")
+            begin, end = entry["data_offsets"]
+            if dtype is None or not (
+                isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+            ):
+                raise CheckpointCorruptedError(
+                    f"{path}: tensor {name!r}: unsupported dtype or shape"
+                )
+            if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != end - begin:
+                raise CheckpointCorruptedError(f"{path}: tensor {name!r}: size does not match")
+            out[name] = np.empty(shape, dtype)
+            _format.read_into(f, [out[name].reshape(-1).view(np.uint8)], 8 + length + begin, path)
+        return out
+    finally:
+        f.close()

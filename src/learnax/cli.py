@@ -1,0 +1,562 @@
+"""The ``learnax`` command: look at, check, compare, convert and prune checkpoints.
+
+Every command takes local paths or fsspec URLs (``--storage-options`` passes the
+filesystem's options as JSON). Failures print one line, ``learnax: error: ...``, and
+exit with status 2 for a bad argument or a missing path, 1 for a damaged checkpoint;
+``verify`` and ``diff`` exit 1 when something is damaged or differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from learnax.checkpoint import _format, _inspect
+from learnax.checkpoint._convert import convert
+from learnax.checkpoint._errors import CheckpointCorruptedError, CheckpointError
+from learnax.checkpoint._storage import open_storage
+
+
+class UsageError(Exception):
+    """A bad argument or a path that does not exist: exit status 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    # The library's warnings (a pickle unpickled, a damaged checkpoint skipped), as one
+    # line each on stderr.
+    logging.basicConfig(format="learnax: %(levelname)s: %(message)s", level=logging.WARNING)
+    try:
+        return args.run(args)
+    except UsageError as e:
+        return _fail(str(e), 2)
+    except CheckpointCorruptedError as e:
+        return _fail(str(e), 1)
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError, TypeError, ImportError) as e:
+        return _fail(str(e.args[0]) if isinstance(e, KeyError) else str(e), 2)
+    except (CheckpointError, OSError) as e:
+        return _fail(str(e), 1)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"learnax: error: {message}", file=sys.stderr)
+    return status
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="learnax", description="Look at, check, compare, convert and prune checkpoints."
+    )
+    parser.add_argument(
+        "--storage-options",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help="options for the fsspec filesystem of URLs, e.g. '{\"anon\": true}'",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ls = commands.add_parser("ls", help="the runs of a registry, or the checkpoints of a run")
+    ls.add_argument("path", help="a registry or a run (<registry>/<run_id>)")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.set_defaults(run=cmd_ls)
+
+    show = commands.add_parser("show", help="what a checkpoint holds, without loading it")
+    show.add_argument("path", help="a checkpoint directory, or a run")
+    show.add_argument("name", nargs="?", help="with a run: latest, best, or a step")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(run=cmd_show)
+
+    verify = commands.add_parser("verify", help="check every checksum; exit 1 if damaged")
+    verify.add_argument("path", help="a checkpoint, a run or a registry")
+    verify.set_defaults(run=cmd_verify)
+
+    diff = commands.add_parser("diff", help="compare two checkpoints; exit 1 if they differ")
+    diff.add_argument("a")
+    diff.add_argument("b")
+    diff.add_argument("--json", action="store_true", help="print JSON")
+    diff.set_defaults(run=cmd_diff)
+
+    conv = commands.add_parser(
+        "convert", help="pickle / Orbax / safetensors -> learnax, or learnax -> safetensors"
+    )
+    conv.add_argument(
+        "src",
+        help="a state_*.pyd pickle, an Orbax directory, a .safetensors "
+        "file or a learnax checkpoint",
+    )
+    conv.add_argument(
+        "dst", help="a checkpoint directory .../checkpoints/state_<name>, or a .safetensors file"
+    )
+    conv.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read a legacy pickle (this runs code from the file)",
+    )
+    conv.add_argument("--step", type=_non_negative, help="the step, when the source has none")
+    conv.add_argument("--only", metavar="SUBTREE", help='keep a subtree, e.g. "params"')
+    conv.set_defaults(run=cmd_convert)
+
+    prune = commands.add_parser("prune", help="apply retention to a run offline")
+    prune.add_argument("path", help="a run (<registry>/<run_id>)")
+    prune.add_argument("--keep", type=_positive, required=True, help="numbered checkpoints to keep")
+    prune.add_argument(
+        "--keep-period",
+        type=_positive,
+        default=None,
+        help="also keep every step that is a multiple of this",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="only print what would go")
+    prune.set_defaults(run=cmd_prune)
+
+    plot = commands.add_parser("plot", help="a metric of every checkpoint against its step")
+    plot.add_argument("path", help="a run (<registry>/<run_id>)")
+    plot.add_argument("--metric", required=True, help='e.g. "val/loss"')
+    plot.add_argument("-o", "--output", required=True, help="the PNG file to write")
+    plot.add_argument(
+        "--maximize",
+        action="store_true",
+        help="higher is better (default: what state_best says, else lower)",
+    )
+    plot.set_defaults(run=cmd_plot)
+    return parser
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _non_negative(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return int(text)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _open(args: argparse.Namespace, path: str) -> tuple[Any, str, str]:
+    storage, path = open_storage(path, args.storage_options)
+    try:
+        kind = _inspect.path_kind(storage, path)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    return storage, path, kind
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    storage, path, kind = _open(args, args.path)
+    if kind == "checkpoint":
+        raise UsageError(f"{path} is a checkpoint: use `learnax show {args.path}`")
+    if kind == "run":
+        rows = [_checkpoint_row(storage, p) for p in _checkpoints_of(storage, path)]
+        if args.json:
+            _print_json({"path": path, "checkpoints": rows})
+            return 0
+        _print_table(
+            ["name", "step", "time", "size", "metrics", "status"],
+            [
+                [
+                    r["name"],
+                    _or_dash(r["step"]),
+                    _when(r["time"]),
+                    _size(r["bytes"]),
+                    _metrics(r["metrics"]),
+                    r["status"],
+                ]
+                for r in rows
+            ],
+        )
+        if not rows:
+            print(f"(no checkpoints in {path})")
+        return 0
+    runs = [_run_row(storage, run) for run in _inspect.run_dirs(storage, path)]
+    if args.json:
+        _print_json({"path": path, "runs": runs})
+        return 0
+    _print_table(
+        ["run", "checkpoints", "newest step", "best", "size", "last write"],
+        [
+            [
+                r["run"],
+                str(r["checkpoints"]),
+                _or_dash(r["newest_step"]),
+                "-"
+                if r["best"] is None
+                else f"{r['best']['metric']}={_number(r['best']['value'])}",
+                _size(r["bytes"]),
+                _when(r["last_write"]),
+            ]
+            for r in runs
+        ],
+    )
+    if not runs:
+        print(f"(no runs in {path})")
+    return 0
+
+
+def _checkpoints_of(storage: Any, run: str) -> list[str]:
+    directory = _inspect.checkpoints_dir(storage, run)
+    return [storage.join(directory, n) for n in _inspect.checkpoint_names(storage, directory)]
+
+
+def _checkpoint_row(storage: Any, path: str) -> dict[str, Any]:
+    name = path.rpartition("/")[2][len("state_") :]
+    row: dict[str, Any] = {"name": name, "path": path}
+    try:
+        info = _inspect.checkpoint_info(storage, path)
+    except CheckpointCorruptedError as e:
+        size, _ = storage.usage(path)
+        return {
+            **row,
+            "step": None,
+            "time": None,
+            "bytes": size,
+            "metrics": {},
+            "status": "damaged",
+            "problem": str(e),
+        }
+    problem = _size_problem(storage, path, info.files)
+    return {
+        **row,
+        "step": info.step,
+        "time": info.time,
+        "bytes": info.nbytes,
+        "metrics": info.metrics,
+        "status": "damaged" if problem else "ok",
+        **({"problem": problem} if problem else {}),
+    }
+
+
+def _size_problem(storage: Any, path: str, files: dict[str, Any]) -> str | None:
+    """A data file missing or of the wrong size (``ls`` does not read the data)."""
+    for name, entry in files.items():
+        file = storage.join(path, name)
+        try:
+            size = storage.size(file)
+        except FileNotFoundError:
+            return f"{file} is missing"
+        if size != entry["bytes"]:
+            return f"{file} is {size} bytes, the manifest says {entry['bytes']}"
+    return None
+
+
+def _run_row(storage: Any, run: str) -> dict[str, Any]:
+    steps, best = [], None
+    for path in _checkpoints_of(storage, run):
+        try:
+            manifest = _format.read_manifest(storage, path)
+        except (CheckpointCorruptedError, FileNotFoundError):
+            continue
+        name = path.rpartition("/")[2]
+        if name == "state_best":
+            record = manifest.get("best")
+            if isinstance(record, dict) and isinstance(record.get("metric"), str):
+                best = {
+                    "metric": record["metric"],
+                    "value": record.get("value"),
+                    "step": manifest["step"],
+                }
+        else:
+            steps.append(manifest["step"])
+    size, last = storage.usage(run)
+    return {
+        "run": run.rstrip("/").rpartition("/")[2],
+        "path": run,
+        "checkpoints": len(_checkpoints_of(storage, run)),
+        "newest_step": max(steps, default=None),
+        "best": best,
+        "bytes": size,
+        "last_write": last or None,
+    }
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    storage, path, kind = _open(args, args.path)
+    if kind == "run":
+        if args.name is None:
+            raise UsageError(
+                f"{path} is a run: name a checkpoint, e.g. `learnax show {args.path} latest`"
+            )
+        name = args.name.removeprefix("state_").removeprefix("step_")
+        path = storage.join(_inspect.checkpoints_dir(storage, path), f"state_{name}")
+    elif kind != "checkpoint":
+        raise UsageError(f"{path} is a registry: `learnax ls {args.path}` lists its runs")
+    try:
+        info = _inspect.checkpoint_info(storage, path)
+    except FileNotFoundError:
+        raise UsageError(f"No committed checkpoint at {path}") from None
+    arrays = [leaf for leaf in info.leaves if leaf.nbytes or leaf.shape]
+    total = sum(leaf.nbytes for leaf in info.leaves)
+    if args.json:
+        _print_json(
+            {
+                "path": path,
+                "step": info.step,
+                "time": info.time,
+                "metrics": info.metrics,
+                "leaves": [
+                    {
+                        "path": leaf.path,
+                        "dtype": leaf.dtype,
+                        "shape": list(leaf.shape),
+                        "bytes": leaf.nbytes,
+                        **({"value": leaf.value} if leaf.value is not None else {}),
+                    }
+                    for leaf in info.leaves
+                ],
+                "n_leaves": len(info.leaves),
+                "n_arrays": len(arrays),
+                "total_bytes": total,
+                "bytes_on_storage": info.nbytes,
+            }
+        )
+        return 0
+    for key, value in (
+        ("checkpoint", path),
+        ("step", info.step),
+        ("time", _when(info.time)),
+        ("metrics", _metrics(info.metrics) or "-"),
+        ("size", f"{_size(info.nbytes)} on storage"),
+    ):
+        print(f"{key:<11} {value}")
+    print()
+    _print_table(
+        ["leaf", "dtype", "shape", "bytes"],
+        [
+            [
+                leaf.path,
+                leaf.dtype,
+                _shape(leaf),
+                _size(leaf.nbytes) if leaf.nbytes or leaf.shape else repr(leaf.value)[:40],
+            ]
+            for leaf in info.leaves
+        ],
+    )
+    print(f"{len(info.leaves)} leaves, {len(arrays)} arrays, {_size(total)}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    storage, path, kind = _open(args, args.path)
+    checkpoints = _inspect.checkpoints_under(storage, path)
+    bar = _progress(len(checkpoints))
+    results: list[tuple[str, str | None]] = []
+
+    def report(checkpoint: str, problem: str | None) -> None:
+        results.append((checkpoint, problem))
+        line = f"ok       {checkpoint}" if problem is None else f"DAMAGED  {checkpoint}: {problem}"
+        (bar.write if bar is not None else print)(line)
+        if bar is not None:
+            bar.update(1)
+
+    try:
+        damaged = _inspect.verify(path, storage_options=args.storage_options, report=report)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"{len(results)} checkpoint(s) verified, {len(damaged)} damaged")
+    return 1 if damaged else 0
+
+
+def _progress(total: int) -> Any:
+    """A progress bar on a terminal when tqdm is installed (extra ``learnax[cli]``)."""
+    if total < 2 or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="ckpt", file=sys.stderr, leave=False)
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    for side in (args.a, args.b):
+        _open(args, side)  # a missing path is a usage error
+    result = _inspect.diff(args.a, args.b, storage_options=args.storage_options)
+    differ = bool(result["added"] or result["removed"] or result["changed"] or result["different"])
+    if args.json:
+        _print_json({**result, "differ": differ})
+        return 1 if differ else 0
+    for path in result["removed"]:
+        print(f"removed  {path}")
+    for path in result["added"]:
+        print(f"added    {path}")
+    for c in result["changed"]:
+        print(f"changed  {c['path']}: {c['a']} -> {c['b']}")
+    for d in result["different"]:
+        print(
+            f"differs  {d['path']}: max abs {_number(d['max_abs'])}, max rel {_number(d['max_rel'])}"
+        )
+    print(
+        f"{result['identical']} leaves identical"
+        + ("" if differ else "; the checkpoints are identical")
+    )
+    return 1 if differ else 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    if args.src.endswith(".pyd"):
+        if not args.allow_pickle:
+            raise UsageError(
+                f"{args.src} is a pickle: reading it runs code from the file. If you trust "
+                "it, pass --allow-pickle."
+            )
+    written = convert(
+        args.src,
+        args.dst,
+        allow_pickle=args.allow_pickle,
+        step=args.step,
+        only=args.only,
+        storage_options=args.storage_options,
+    )
+    print(f"wrote {written}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    storage, path, kind = _open(args, args.path)
+    if kind != "run":
+        raise UsageError(f"{path} is not a run (<registry>/<run_id>)")
+    victims = _inspect.prune(
+        path,
+        args.keep,
+        keep_period=args.keep_period,
+        dry_run=args.dry_run,
+        storage_options=args.storage_options,
+    )
+    for victim in victims:
+        print(f"{'would delete' if args.dry_run else 'deleted'} {victim}")
+    if not victims:
+        print("nothing to delete")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    storage, path, kind = _open(args, args.path)
+    if kind != "run":
+        raise UsageError(f"{path} is not a run (<registry>/<run_id>)")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError('plot needs matplotlib: pip install "learnax[plot]"') from None
+    points: dict[int, float] = {}
+    maximize = args.maximize
+    best: tuple[int, float] | None = None
+    for checkpoint in _checkpoints_of(storage, path):
+        try:
+            manifest = _format.read_manifest(storage, checkpoint)
+            metrics = _format.decode_metrics(manifest["metrics"], checkpoint)
+        except CheckpointCorruptedError:
+            continue
+        value = metrics.get(args.metric)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+            continue
+        points[manifest["step"]] = float(value)
+        record = manifest.get("best")
+        if checkpoint.endswith("/state_best") and isinstance(record, dict):
+            best = (manifest["step"], float(value))
+            maximize = maximize or record.get("minimize") is False
+    if not points:
+        raise UsageError(f"no checkpoint of {path} has the metric {args.metric!r}")
+    steps = sorted(points)
+    values = [points[s] for s in steps]
+    if best is None or best[1] != (max(values) if maximize else min(values)):
+        pick = (max if maximize else min)(range(len(steps)), key=lambda i: values[i])
+        best = (steps[pick], values[pick])
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, values, marker="o", markersize=3, linewidth=1.5, label=args.metric)
+    ax.scatter(
+        [best[0]],
+        [best[1]],
+        s=120,
+        marker="*",
+        color="tab:red",
+        zorder=3,
+        label=f"best: {_number(best[1])} at step {best[0]}",
+    )
+    ax.set_xlabel("step")
+    ax.set_ylabel(args.metric)
+    ax.set_title(path.rstrip("/").rpartition("/")[2])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.output, format="png")
+    plt.close(fig)
+    print(
+        f"wrote {args.output} ({len(steps)} checkpoints, best {_number(best[1])} at step {best[0]})"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str, allow_nan=True))
+
+
+def _print_table(headers: list[str], rows: list[list[str]]) -> None:
+    if not rows:
+        return
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    for row in [headers, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _when(t: float | None) -> str:
+    return "-" if not t else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _number(x: Any) -> str:
+    return f"{x:.6g}" if isinstance(x, float) else str(x)
+
+
+def _metrics(metrics: dict[str, Any]) -> str:
+    return "  ".join(f"{k}={_number(v)}" for k, v in metrics.items())
+
+
+def _or_dash(x: Any) -> str:
+    return "-" if x is None else str(x)
+
+
+def _shape(leaf: _inspect.LeafInfo) -> str:
+    if not leaf.shape and not leaf.nbytes:
+        return "-"
+    return "(" + ", ".join(map(str, leaf.shape)) + ("," if len(leaf.shape) == 1 else "") + ")"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
