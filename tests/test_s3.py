@@ -778,3 +778,50 @@ def test_file_url_registry_is_the_same_directory_as_the_plain_path(tmp_path):
     assert set(by_url.list_available_checkpoints()) == {"latest", "step_1"}
     assert_tree_equal(small_state(1), by_path.load_checkpoint(1)["state"])
     assert_tree_equal(small_state(2), by_url.load_latest()["state"])
+
+
+# --- the command line on S3 -----------------------------------------------------------
+
+
+def learnax_cli(bucket, *args: str) -> subprocess.CompletedProcess:
+    options = json.dumps(bucket.storage_options)
+    return subprocess.run(
+        [sys.executable, "-m", "learnax", "--storage-options", options, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_command_line_lists_shows_and_verifies_checkpoints_on_s3(bucket):
+    ckpt = bucket.checkpointer(save_every=1, checkpoint_every=2, keep_best=True)
+    for step in (1, 2):
+        ckpt.maybe_save_checkpoints(small_state(step), step, {"val/loss": 1.0 / step})
+
+    listing = learnax_cli(bucket, "ls", bucket.url, "--json")
+    assert listing.returncode == 0, listing.stderr
+    (run,) = json.loads(listing.stdout)["runs"]
+    assert (run["run"], run["newest_step"], run["best"]["step"]) == (RUN, 2, 2)
+
+    shown = learnax_cli(bucket, "show", f"{bucket.url}/{RUN}", "latest", "--json")
+    assert shown.returncode == 0, shown.stderr
+    leaves = {leaf["path"]: leaf for leaf in json.loads(shown.stdout)["leaves"]}
+    assert leaves["params/w"]["shape"] == [3, 4] and leaves["params/w"]["dtype"] == "float32"
+
+    verified = learnax_cli(bucket, "verify", f"{bucket.url}/{RUN}")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert verified.stdout.count("ok ") == 3  # latest, best, state_2
+
+
+def test_the_command_line_reports_a_damaged_object_on_s3(bucket):
+    ckpt = bucket.checkpointer()
+    path = ckpt.save_checkpoint(small_state(1), step=1)
+    (name,) = bucket.manifest(path)["files"]
+    raw = bytearray(bucket.read(f"{path}/{name}"))
+    raw[-1] ^= 0xFF
+    bucket.write(f"{path}/{name}", bytes(raw))
+
+    verified = learnax_cli(bucket, "verify", path)
+
+    assert verified.returncode == 1
+    assert "DAMAGED" in verified.stdout and name in verified.stdout
