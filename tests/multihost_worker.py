@@ -401,6 +401,60 @@ class Worker:
         self.result["seconds"] = time.monotonic() - t0
         self.result["listed"] = ckpt.list_available_checkpoints()
 
+    def scenario_one_sided(self):
+        """Calls that only some processes make: a Checkpointer made on process 0 alone
+        (to load), and a metric only process 0 reports; the calls after them still
+        line up."""
+        jax = self.start_jax()
+        mesh = self.mesh((2, 2), ("x", "y"))
+        state = self.global_state(mesh, seed=1, step=1)
+        jax.block_until_ready(state)
+        policy = {
+            "save_every": 1,
+            "checkpoint_every": None,
+            "keep_best": True,
+            "metric_name": "loss",
+            "multihost_timeout": 3,
+        }
+        if self.process_id == 0:
+            t0 = time.monotonic()
+            self.checkpointer(**policy).load_latest()
+            self.result["solo_seconds"] = time.monotonic() - t0
+        ckpt = self.checkpointer(**policy)
+        self.result["steps"] = []
+        for step, metrics in (
+            (1, {"loss": 2.0}),
+            (2, {"loss": 1.0} if self.process_id == 0 else None),  # process 0 only
+            (3, {"loss": 3.0}),
+        ):
+            saved = ckpt.maybe_save_checkpoints(state, step, metrics)
+            self.result["steps"].append(
+                {"step": step, "saved": saved, "best_metric_value": ckpt.best_metric_value}
+            )
+
+    def scenario_slow_commit(self):
+        """Process 0 takes longer than the others wait: they give up, and process 0
+        then refuses to commit, so every process returns None."""
+        jax = self.start_jax()
+        from learnax.checkpoint import _multihost
+
+        mesh = self.mesh((2, 2), ("x", "y"))
+        ckpt = self.checkpointer(save_every=None, checkpoint_every=None, multihost_timeout=2)
+        state = self.global_state(mesh, seed=1, step=1)
+        jax.block_until_ready(state)
+        if self.process_id == 0:
+            original = _multihost.Coordinator.check_not_abandoned
+
+            def slow_check(coord, key):
+                time.sleep(self.params["delay"])  # a slow process 0, e.g. a slow disk
+                return original(coord, key)
+
+            _multihost.Coordinator.check_not_abandoned = slow_check
+        t0 = time.monotonic()
+        self.result["path"] = ckpt.save_checkpoint(state, step=1)
+        self.result["seconds"] = time.monotonic() - t0
+        self.result["listed"] = ckpt.list_available_checkpoints()
+
     def scenario_kill(self):
         """Step 1 commits; at step 2 process 1 SIGKILLs itself mid data write."""
         jax = self.start_jax()

@@ -568,6 +568,46 @@ def test_failed_removal_of_the_superseded_data_file_keeps_the_new_latest_and_is_
     assert_tree_equal(small_state(2), restarted.load_latest()["state"])
 
 
+def test_failed_listing_after_the_commit_keeps_the_new_latest_whole(registry, monkeypatch):
+    """Listing the directory to remove superseded files comes after the manifest was
+    replaced: its failure must neither fail the save nor remove the new data files."""
+    ckpt = Checkpointer(registry, "run")
+    latest = ckpt.save_latest(small_state(1), step=1)
+    real_listdir = os.listdir
+
+    def failing_listdir(path="."):
+        if os.fspath(path) == latest:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", failing_listdir)
+    assert ckpt.save_latest(small_state(2), step=2) == latest
+    monkeypatch.undo()
+
+    loaded = load_without_warnings(ckpt, "latest")
+    assert loaded["step"] == 2
+    assert_tree_equal(small_state(2), loaded["state"])
+
+
+def test_failed_listing_during_retention_only_warns(registry, monkeypatch, caplog):
+    ckpt = Checkpointer(registry, "run", max_to_keep=1)
+    ckpt.save_checkpoint(small_state(1), step=1)
+    real_listdir = os.listdir
+
+    def failing_listdir(path="."):
+        if os.fspath(path) == ckpt.checkpoint_dir:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", failing_listdir)
+    with caplog.at_level(logging.WARNING, logger="learnax"):
+        assert ckpt.save_checkpoint(small_state(2), step=2) is not None
+    monkeypatch.undo()
+
+    assert "retention" in caplog.text
+    assert_tree_equal(small_state(2), load_without_warnings(ckpt, 2)["state"])
+
+
 # --- a real full filesystem -----------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import safetensors
 from conftest import checkpoint_files, read_manifest_file, small_state
 
@@ -125,3 +126,64 @@ def test_checkpoint_layout_is_registry_run_checkpoints_state_name(make_checkpoin
     root = Path(registry) / "run" / "checkpoints"
     for name in ("state_1000", "state_latest", "state_best"):
         assert (root / name / "manifest.json").is_file()
+
+
+# --- partial reads (what a process restoring its shard of an array reads) ---------------
+
+
+def read_bytes_during(fn) -> tuple[object, int]:
+    def rchar() -> int:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("rchar"))
+
+    before = rchar()
+    result = fn()
+    return result, rchar() - before
+
+
+def region_reader(make_checkpointer, array):
+    from learnax.checkpoint import _format
+    from learnax.checkpoint._storage import LocalStorage
+
+    path = saved_path(make_checkpointer, state={"w": array})
+    storage = LocalStorage()
+    return _format.CheckpointReader(storage, str(path), _format.read_manifest(storage, str(path)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize(
+    ("region", "most_mib"),
+    [
+        ((slice(0, 2), slice(None)), 8.5),  # an eighth of the rows: 8 of 64 MiB
+        ((slice(None), slice(0, 1024)), 16.5),  # a column band: 1 block of each 4 MiB row
+        ((slice(2, 3), slice(5000, 6000)), 1.5),  # a small box: one block
+    ],
+    ids=["rows", "columns", "box"],
+)
+def test_a_partial_read_reads_only_the_checksum_blocks_its_region_touches(
+    make_checkpointer, region, most_mib
+):
+    array = np.arange(16 * (1 << 20), dtype=np.float32).reshape(16, 1 << 20)  # 64 MiB
+    reader = region_reader(make_checkpointer, array)
+
+    part, read = read_bytes_during(lambda: reader.read_region("w", region))
+
+    np.testing.assert_array_equal(part, array[region])
+    assert read <= most_mib * (1 << 20), f"read {read / 2**20:.1f} MiB"
+
+
+def test_a_partial_read_detects_damage_in_the_blocks_it_reads(make_checkpointer):
+    from learnax.checkpoint import CheckpointCorruptedError
+
+    array = np.arange(4 * (1 << 20), dtype=np.float32).reshape(4, 1 << 20)  # 16 MiB
+    reader = region_reader(make_checkpointer, array)
+    (data,) = checkpoint_files(Path(reader.directory))
+    with open(data, "r+b") as f:
+        f.seek(-(1 << 20), 2)  # inside the last row
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 1]))
+
+    np.testing.assert_array_equal(reader.read_region("w", (slice(0, 2), slice(None))), array[:2])
+    with pytest.raises(CheckpointCorruptedError, match="checksum mismatch"):
+        reader.read_region("w", (slice(3, 4), slice(None)))

@@ -731,3 +731,47 @@ def test_process_killed_mid_save_makes_the_save_fail_everywhere_and_leaves_step_
     restored = ckpt.load_latest()
     assert restored["step"] == 1
     assert_tree_equal(expected_state(seed=1, step=1), restored["state"])
+
+
+def test_calls_made_by_one_process_only_fail_alone_and_later_calls_line_up(tmp_path):
+    """A Checkpointer made on process 0 alone does not wait for the others; a best
+    checkpoint only process 0 asks for fails (nothing is committed), and the saves of
+    the next step succeed on both processes with the same result."""
+    run = launch(
+        "one_sided",
+        tmp_path / "out",
+        processes=2,
+        devices=2,
+        params={"registry": str(tmp_path / "registry")},
+        timeout=120,
+    )
+    results = run.check()
+    assert results[0]["solo_seconds"] < 3, run.report()
+    steps = [r["steps"] for r in results]
+    # Step 1: both save latest and best.
+    assert steps[0][0]["saved"] == steps[1][0]["saved"], run.report()
+    assert set(steps[0][0]["saved"]) == {"latest", "best"}, run.report()
+    # Step 3: latest again, the same on both; best stays at step 1's 2.0 everywhere.
+    assert steps[0][2]["saved"] == steps[1][2]["saved"], run.report()
+    assert "latest" in steps[0][2]["saved"], run.report()
+    assert [s[2]["best_metric_value"] for s in steps] == [2.0, 2.0], run.report()
+    ckpt = Checkpointer(str(tmp_path / "registry"), RUN, metric_name="loss")
+    assert ckpt.load_best()["step"] == 1
+    assert ckpt.load_latest()["step"] == 3
+
+
+def test_a_process_0_slower_than_the_others_wait_commits_nothing(tmp_path):
+    """Process 1 gives up waiting for process 0's word; process 0 sees that before it
+    commits, so both return None and no checkpoint appears (never one process with a
+    path and the other with None)."""
+    run = launch(
+        "slow_commit",
+        tmp_path / "out",
+        processes=2,
+        devices=2,
+        params={"registry": str(tmp_path / "registry"), "delay": 7},
+        timeout=120,
+    )
+    results = run.check()
+    assert [r["path"] for r in results] == [None, None], run.report()
+    assert all(r["listed"] == {} for r in results), run.report()

@@ -250,11 +250,12 @@ class Checkpointer:
         self._coord = Coordinator(run_id, multihost_timeout) if is_multihost() else None
         self._storage.makedirs(self.checkpoint_dir)
         self.best_metric_value: float = math.inf if self.minimize_metric else -math.inf
-        if self._coord is None or self._coord.leader:
+        # Multi-host: the other processes may be writing their part of a first save
+        # already, so process 0 cleans up after its first commit instead.
+        self._cleaned = self._coord is None
+        if self._coord is None:
             self._clean_leftovers()
         self._restore_best_metric_value()
-        if self._coord is not None:  # no process saves before process 0 cleaned up
-            self._coord.barrier(self._coord.new_key())
 
     # ----------------------------------------------------------------- policy
 
@@ -320,7 +321,7 @@ class Checkpointer:
         if due_best:
             # Decided against the best still being written, if any: a step that only
             # reports a metric that is not better never waits for a save in flight.
-            best = self._best_write(metrics[self.metric_name], encoded)
+            best = self._best_write(metrics[self.metric_name], encoded, step)
             if best is not None:
                 writes.append(best)
         if not writes:
@@ -393,7 +394,7 @@ class Checkpointer:
         encoded = _format.encode_metrics(metrics)
         name = _PREFIX + _checked_suffix(suffix, saving=True) if suffix is not None else None
         if name == _PREFIX + "best" or (name is None and is_best):
-            write = self._best_record(_PREFIX + "best", metrics, encoded)
+            write = self._best_record(metrics, encoded, step)
         elif name is not None:
             write = _Write("", name, encoded)
         else:
@@ -401,13 +402,14 @@ class Checkpointer:
         self._finish_in_flight()
         return self._save_all(train_state, step, [write])[write.key]
 
-    def _best_record(self, name: str, metrics: Any, encoded: dict[str, Any]) -> _Write:
+    def _best_record(self, metrics: Any, encoded: dict[str, Any], step: int) -> _Write:
         """A best checkpoint saved by hand: when its metrics hold ``metric_name``, that
         value becomes the best (now and after a restart), like update_best_checkpoint."""
         value = metrics.get(self.metric_name) if isinstance(metrics, dict) else None
         if value is None:
-            return _Write("best", name, encoded)
-        return self._best_write_of(self._agreed(_metric_float(value, self.metric_name)), encoded)
+            return _Write("best", _PREFIX + "best", encoded)
+        value = self._agreed(_metric_float(value, self.metric_name), step)
+        return self._best_write_of(value, encoded)
 
     def save_latest(
         self, train_state: Any, step: int | None = None, metrics: dict[str, float] | None = None
@@ -440,30 +442,33 @@ class Checkpointer:
         **Example:** `ckpt.update_best_checkpoint(state, val_loss, step)`
         """
         step = self._resolve_step(train_state, step)
-        best = self._best_write(metric_value, None)
+        best = self._best_write(metric_value, None, step)
         if best is None:
             return False
         self._finish_in_flight()
         return self._save_all(train_state, step, [best]).get("best") is not None
 
-    def _best_write(self, metric_value: Any, metrics: dict[str, Any] | None) -> _Write | None:
+    def _best_write(
+        self, metric_value: Any, metrics: dict[str, Any] | None, step: int
+    ) -> _Write | None:
         """The write of ``state_best`` if ``metric_value`` beats the best so far."""
         if not self.keep_best:
             return None
-        value = self._agreed(_metric_float(metric_value, self.metric_name))
+        value = self._agreed(_metric_float(metric_value, self.metric_name), step)
         best = self._pending_best if self._pending_best is not None else self.best_metric_value
         if math.isnan(value) or not (value < best if self.minimize_metric else value > best):
             return None
         return self._best_write_of(value, metrics)
 
-    def _agreed(self, value: float) -> float:
+    def _agreed(self, value: float, step: int) -> float:
         """On multi-host runs, process 0's metric value, so that every process makes the
         same best-checkpoint decision (and so the same calls); NaN when the processes
         cannot agree in time, which is never better."""
         if self._coord is None:
             return value
         try:
-            agreed = self._coord.broadcast(self._coord.new_key(), _tree.encode_float(value))
+            key = self._coord.new_key(f"metric/{step}")
+            agreed = self._coord.broadcast(key, _tree.encode_float(value))
         except PeerError as e:
             logger.error("Cannot agree on the metric %r: %s", self.metric_name, e)
             return math.nan
@@ -493,7 +498,7 @@ class Checkpointer:
         tree, leaves = _tree.encode_tree(state)
         if self._coord is not None:
             for w in writes:
-                w.exchange = self._coord.new_key()
+                w.exchange = self._coord.new_key(f"save/{w.name}/{step}")
         if not self.async_save or self._closed:
             return {w.key: self._write(w, tree, leaves, step) for w in writes}
         _snapshot(leaves)
@@ -544,45 +549,68 @@ class Checkpointer:
         self, write: _Write, directory: str, tree: Any, leaves: list[Any], step: int
     ) -> None:
         """Every process writes its shards to its own data files; process 0 gathers the
-        parts, commits the manifest and applies retention, then tells the others the
-        outcome. Raises ``OSError`` on every process when any part failed."""
+        parts, commits the manifest, then tells the others the outcome (and applies
+        retention). Raises ``OSError`` on every process when any part failed."""
         coord = self._coord
         assert coord is not None
-        part = None
-        try:
-            self._storage.makedirs(directory)
-            tensors = _format.tensors_of_process(leaves, coord.process)
-            prefix = f"{secrets.token_hex(8)}-p{coord.process}"
-            part = _format.write_part(self._storage, directory, tensors, prefix)
-            mine = json.dumps({"name": write.name, "step": step, "part": part.to_json()})
-        except OSError as e:
-            mine = json.dumps({"error": f"process {coord.process}: {e}"})
         if not coord.leader:
-            coord.send(write.exchange, mine)
-            outcome = coord.broadcast(f"{write.exchange}/outcome", timeout_factor=2)
+            part = self._write_own_part(write, directory, leaves, step)
+            outcome = coord.wait_outcome(write.exchange)
             if "error" in outcome:
-                if part is not None and not outcome.get("visible"):
+                if isinstance(part, _format.Part) and not outcome.get("visible"):
                     _format.remove_files(self._storage, directory, part.files)
                 error = _format.VisibleNotDurableError if outcome.get("visible") else PeerError
                 raise error(outcome["error"])
             return
         outcome: dict[str, Any] = {"error": "process 0 failed (see its log)"}
+        part = None
         try:
-            if part is None:
-                raise PeerError(json.loads(mine)["error"])
-            received = [json.loads(v) for v in coord.gather(write.exchange, mine)]
-            self._commit_parts(write, directory, tree, leaves, step, received)
+            # The run's lock (local disks) from before process 0 writes until the
+            # commit, so that no other job's start-up cleanup takes the new files.
+            with self._storage.lock(self.checkpoint_dir):
+                part = self._write_own_part(write, directory, leaves, step)
+                if isinstance(part, str):
+                    raise PeerError(json.loads(part)["error"])
+                mine = json.dumps({"name": write.name, "step": step, "part": part.to_json()})
+                received = [json.loads(v) for v in coord.gather(write.exchange, mine)]
+                self._commit_parts(write, directory, tree, leaves, step, received)
             outcome = {}
+            if not self._cleaned:
+                # Now no process of this job writes (the others wait for the outcome).
+                self._clean_leftovers()
+                self._cleaned = True
         except _format.VisibleNotDurableError as e:
             outcome = {"error": f"process 0: {e}", "visible": True}
             raise
         except BaseException as e:
-            outcome = {"error": f"process 0: {e}"}
-            if part is not None:
-                _format.remove_files(self._storage, directory, part.files)
+            if outcome:  # not committed
+                outcome = {"error": f"process 0: {e}"}
+                if isinstance(part, _format.Part):
+                    _format.remove_files(self._storage, directory, part.files)
             raise
         finally:
-            coord.broadcast(f"{write.exchange}/outcome", outcome)
+            coord.publish_outcome(write.exchange, outcome)
+        if write.retention:
+            self._apply_retention()
+
+    def _write_own_part(
+        self, write: _Write, directory: str, leaves: list[Any], step: int
+    ) -> _format.Part | str:
+        """This process's data files; on process 1+ also sent to process 0. Returns the
+        part, or on an I/O failure the message sent instead."""
+        coord = self._coord
+        assert coord is not None
+        try:
+            self._storage.makedirs(directory)
+            tensors = _format.tensors_of_process(leaves, coord.process)
+            prefix = f"{secrets.token_hex(8)}-p{coord.process}"
+            part: _format.Part | str = _format.write_part(self._storage, directory, tensors, prefix)
+            message = json.dumps({"name": write.name, "step": step, "part": part.to_json()})
+        except OSError as e:
+            part = message = json.dumps({"error": f"process {coord.process}: {e}"})
+        if not coord.leader:
+            coord.send(write.exchange, message)
+        return part
 
     def _commit_parts(
         self,
@@ -593,8 +621,8 @@ class Checkpointer:
         step: int,
         received: list[dict[str, Any]],
     ) -> None:
-        """On process 0: check what every process wrote, commit it as one checkpoint,
-        and apply retention. Raises ``OSError`` (``PeerError`` for a bad part)."""
+        """On process 0: check what every process wrote and commit it as one checkpoint.
+        Raises ``OSError`` (``PeerError`` for a bad or missing part)."""
         errors = [r["error"] for r in received if "error" in r]
         if errors:
             raise PeerError("; ".join(errors))
@@ -611,24 +639,18 @@ class Checkpointer:
         except ValueError as e:
             raise PeerError(str(e)) from None
         for name, info in merged.files.items():
-            # A run directory on each host's own disk would commit a checkpoint whose
-            # other files are elsewhere: refuse it here, clearly.
+            # Every file must be there: a run directory on each host's own disk, or
+            # another job's cleanup, would otherwise commit a checkpoint with holes.
             path = self._storage.join(directory, name)
-            if info["process"] != 0 and not (
-                self._storage.isfile(path) and self._storage.size(path) == info["bytes"]
-            ):
+            if not (self._storage.isfile(path) and self._storage.size(path) == info["bytes"]):
                 raise PeerError(
                     f"process {info['process']}'s data file {path} is not visible to "
                     "process 0: on a multi-host run the registry must be storage that "
                     "every host shares (an object store or a shared filesystem)"
                 )
         body = _format.manifest_body(tree, merged, step, write.metrics, write.extra)
-        with self._storage.lock(self.checkpoint_dir):
-            _format.commit(
-                self._storage, directory, _format.manifest_bytes(body), set(merged.files)
-            )
-        if write.retention:
-            self._apply_retention()
+        self._coord.check_not_abandoned(write.exchange)
+        _format.commit(self._storage, directory, _format.manifest_bytes(body), set(merged.files))
 
     def _write_in_background(
         self, tree: Any, leaves: list[Any], step: int, writes: list[_Write]
@@ -708,7 +730,13 @@ class Checkpointer:
     # ----------------------------------------------------------------- retention
 
     def _apply_retention(self) -> None:
-        for step in retention_victims(self._numbered_steps(), self.max_to_keep, self.keep_period):
+        # After a commit: a failure here is logged, never a failed save.
+        try:
+            steps = self._numbered_steps() if self.max_to_keep is not None else []
+        except OSError as e:
+            logger.warning("Could not list %s to apply retention: %s", self.checkpoint_dir, e)
+            return
+        for step in retention_victims(steps, self.max_to_keep, self.keep_period):
             self._delete(f"{_PREFIX}{step}")
 
     def _delete(self, name: str) -> None:

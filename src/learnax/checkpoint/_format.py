@@ -49,7 +49,10 @@ from ._threads import IO_THREADS, parallel_map, run_in_background
 
 logger = logging.getLogger("learnax")
 
-FORMAT = "learnax.checkpoint/1"
+# /2: tensors over CRC_BLOCK bytes carry a checksum per block (a list), so that older
+# readers, which would take such a list for damage, refuse the format by name instead.
+FORMAT = "learnax.checkpoint/2"
+_READABLE_FORMATS = ("learnax.checkpoint/1", FORMAT)
 MANIFEST = "manifest.json"
 _MANIFEST_PREFIX = re.compile(rb'\A\{"checksum":"crc32:([0-9a-f]{8})","manifest":')
 _MANIFEST_SUFFIX = b"}\n"
@@ -321,17 +324,22 @@ def commit(storage: Storage, directory: str, manifest: bytes, files: set[str]) -
         raise VisibleNotDurableError(
             e.errno, f"{e.strerror} (the new checkpoint is visible)", directory
         ) from e
-    # Committed: the previous save's files (and any leftovers) are garbage now.
-    for name in storage.listdir(directory):
-        if name != MANIFEST and name not in files:
-            try:
-                storage.remove(storage.join(directory, name))
-            except OSError as e:
-                logger.warning(
-                    "Could not remove superseded file %s (the next Checkpointer will): %s",
-                    storage.join(directory, name),
-                    e,
-                )
+    # Committed: the previous save's files (and any leftovers) are garbage now. Nothing
+    # here may fail the save: the new checkpoint is whole whatever happens to them.
+    try:
+        superseded = [n for n in storage.listdir(directory) if n != MANIFEST and n not in files]
+    except OSError as e:
+        logger.warning("Could not list %s to remove superseded files: %s", directory, e)
+        return
+    for name in superseded:
+        try:
+            storage.remove(storage.join(directory, name))
+        except OSError as e:
+            logger.warning(
+                "Could not remove superseded file %s (the next Checkpointer will): %s",
+                storage.join(directory, name),
+                e,
+            )
 
 
 def _whole(leaf: _tree.ArrayLeaf) -> _Tensor:
@@ -428,12 +436,22 @@ def merge_parts(parts: list[Part], leaves: list[_tree.ArrayLeaf], where: str) ->
         for name, info in part.files.items():
             files[name] = {**info, "process": process}
         for name, entry in part.arrays.items():
-            if "shards" not in entry:
+            if name not in arrays:
                 arrays[name] = entry
-            elif name not in arrays:
-                arrays[name] = entry
-            else:
-                arrays[name]["shards"].extend(entry["shards"])
+                continue
+            known = arrays[name]
+            same = {k: v for k, v in known.items() if k not in ("shards", "file", "crc32")}
+            if (
+                "shards" not in entry
+                or "shards" not in known
+                or same != {k: v for k, v in entry.items() if k not in ("shards", "file", "crc32")}
+            ):
+                raise ValueError(
+                    f"{where}: process {process} wrote array {name!r} as {entry.get('dtype')}"
+                    f"{entry.get('shape')}, another process as {known.get('dtype')}"
+                    f"{known.get('shape')}; every process must save the same state"
+                )
+            known["shards"].extend(entry["shards"])
     for leaf in leaves:
         entry = arrays.get(leaf.name)
         covered = entry is not None and (
@@ -618,7 +636,7 @@ def _validate_manifest(m: Any, path: str) -> None:
     def bad(what: str) -> CheckpointCorruptedError:
         return CheckpointCorruptedError(f"{path}: {what}")
 
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
+    if not isinstance(m, dict) or m.get("format") not in _READABLE_FORMATS:
         raise bad(f"unsupported format {m.get('format') if isinstance(m, dict) else None!r}")
     step = m.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -745,6 +763,7 @@ class CheckpointReader:
         self._headers: dict[str, tuple[int, dict[str, Any]]] = {}
         self._arrays: dict[str, Any] = {}
         self._handed_out: set[str] = set()
+        self._region_cache: dict[str, list[tuple[slice, ...]]] = {}
 
     def array(self, name: str) -> Any:
         """The array called ``name``: a numpy array, a numpy scalar or a typed PRNG key.
@@ -836,22 +855,28 @@ class CheckpointReader:
             local = [o.start - r.start for o, r in zip(overlap, stored, strict=True)]
             strides = _c_strides(stored_shape, dtype.itemsize)
             first = sum(i * st for i, st in zip(local, strides, strict=True))
-            last = first + sum(
-                (o.stop - o.start - 1) * st for o, st in zip(overlap, strides, strict=True)
-            )
             offset, crc = self._locate(shard, dtype, stored_shape)
             size = math.prod(stored_shape) * dtype.itemsize
             if isinstance(crc, str):  # one checksum: the whole tensor must be read
-                begin, end = 0, size
+                begin, end, spans = 0, size, [(0, size)]
             else:
-                begin = first // CRC_BLOCK * CRC_BLOCK
-                end = min(-(-(last + dtype.itemsize) // CRC_BLOCK) * CRC_BLOCK, size)
+                spans = _touched_blocks(local, overlap, stored_shape, strides, size)
+                begin, end = spans[0][0], spans[-1][1]
+            # One buffer over the whole span, of which only the blocks the region
+            # touches are read (and so ever paged in): a column of a row-major array
+            # costs the blocks its rows cross, not the whole array.
             buffer = np.empty(end - begin, np.uint8)
-            reads.append(
-                _Read(
-                    shard["file"], offset + begin, buffer, crc, shard["tensor"], begin // CRC_BLOCK
+            for a, b in spans:
+                reads.append(
+                    _Read(
+                        shard["file"],
+                        offset + a,
+                        buffer[a - begin : b - begin],
+                        crc,
+                        shard["tensor"],
+                        a // CRC_BLOCK,
+                    )
                 )
-            )
             values = buffer.view(dtype)[(first - begin) // dtype.itemsize :]
             part = np.lib.stride_tricks.as_strided(
                 values, tuple(o.stop - o.start for o in overlap), strides, writeable=False
@@ -868,6 +893,14 @@ class CheckpointReader:
         return out
 
     def _regions(
+        self, name: str, shards: list[dict[str, Any]], shape: tuple[int, ...]
+    ) -> list[tuple[slice, ...]]:
+        # Checked once per array: a restore asks again for every device's part.
+        if name not in self._region_cache:
+            self._region_cache[name] = self._check_regions(name, shards, shape)
+        return self._region_cache[name]
+
+    def _check_regions(
         self, name: str, shards: list[dict[str, Any]], shape: tuple[int, ...]
     ) -> list[tuple[slice, ...]]:
         where = f"{self._where}: array {name!r}"
@@ -973,6 +1006,45 @@ class CheckpointReader:
         check_tiling(header, size - 8 - length, path)
         self._headers[file] = (8 + length, header)
         return self._headers[file]
+
+
+def _touched_blocks(
+    start: list[int],
+    box: tuple[slice, ...],
+    shape: tuple[int, ...],
+    strides: tuple[int, ...],
+    size: int,
+) -> list[tuple[int, int]]:
+    """The byte ranges (whole CRC_BLOCKs, merged when adjacent) that a box of a
+    C-ordered tensor touches; ``start`` is the box's corner in the tensor."""
+    extent = [b.stop - b.start for b in box]
+    # The box is a set of equal contiguous runs along its innermost partial axis.
+    j = len(shape) - 1
+    while j > 0 and extent[j] == shape[j]:
+        j -= 1
+    if math.prod(extent[:j]) > 1 << 22:  # too many runs to list: one span over them all
+        first = sum(i * st for i, st in zip(start, strides, strict=True))
+        last = first + sum((e - 1) * st for e, st in zip(extent, strides, strict=True))
+        runs, length = np.array([first], np.int64), last - first + strides[-1]
+    else:
+        runs = np.array([start[j] * strides[j]], np.int64)
+        for axis in range(j):
+            steps = (start[axis] + np.arange(extent[axis], dtype=np.int64)) * strides[axis]
+            runs = (runs[:, None] + steps[None, :]).reshape(-1)
+        length = extent[j] * strides[j]
+    blocks = -(-size // CRC_BLOCK)
+    marks = np.zeros(blocks + 1, np.int64)
+    np.add.at(marks, runs // CRC_BLOCK, 1)
+    np.add.at(marks, (runs + length - 1) // CRC_BLOCK + 1, -1)
+    touched = np.flatnonzero(np.cumsum(marks[:-1]) > 0)
+    # Consecutive blocks become one read.
+    breaks = np.flatnonzero(np.diff(touched) > 1)
+    firsts = np.concatenate([touched[:1], touched[breaks + 1]])
+    lasts = np.concatenate([touched[breaks], touched[-1:]])
+    return [
+        (int(a) * CRC_BLOCK, min((int(b) + 1) * CRC_BLOCK, size))
+        for a, b in zip(firsts, lasts, strict=True)
+    ]
 
 
 def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:

@@ -3,21 +3,24 @@
 In a multi-host run every process calls the Checkpointer the same way; each writes its
 own part of a checkpoint and process 0 commits it once every part is durable. The
 processes agree through JAX's own distributed runtime (the coordination service's
-key-value store and barriers that ``jax.distributed.initialize`` starts), so learnax
+key-value store that ``jax.distributed.initialize`` starts), so learnax
 adds no service of its own. Keys are numbered in call order, which is the same on
 every process because the calls are.
 
 Waiting on another process is bounded: a process that died (or never makes the call)
-turns into :class:`PeerError`, an ``OSError``, after ``timeout`` seconds, which fails
-the save like any other I/O error. (JAX itself aborts the survivors of a dead process
+turns into :class:`PeerError`, an ``OSError``, after ``timeout`` seconds (process 0) or
+a few times that (the others, see Coordinator.wait_outcome), which fails the save like
+any other I/O error. (JAX itself aborts the survivors of a dead process
 after its heartbeat timeout, 100 s by default.)
 """
 
 from __future__ import annotations
 
-import itertools
+import collections
+import contextlib
 import json
 import threading
+import time
 import zlib
 from typing import Any
 
@@ -27,8 +30,8 @@ import jax
 # limited to a few MB).
 _PIECE = 1 << 20
 
-_instances: dict[str, int] = {}
-_instances_lock = threading.Lock()
+# How many calls' repeat counts a Coordinator remembers (see new_key).
+_REMEMBERED_CALLS = 1024
 
 
 def is_multihost() -> bool:
@@ -49,7 +52,12 @@ class PeerError(OSError):
 
 
 class Coordinator:
-    """Key-value exchanges and barriers among the processes, for one Checkpointer."""
+    """Key-value exchanges among the processes, for one Checkpointer.
+
+    Each exchange's key is named after the call it serves (``save/state_latest/300``,
+    ``metric/300``), with a count for repeats of the same call: a call made by some
+    processes only fails that call, and the next ones still line up.
+    """
 
     def __init__(self, run_id: str, timeout: float) -> None:
         from jax._src import distributed  # the runtime jax.distributed.initialize starts
@@ -62,67 +70,91 @@ class Coordinator:
             )
         self.process = jax.process_index()
         self.count = jax.process_count()
-        self.timeout_ms = max(1, int(timeout * 1000))
+        self.timeout = timeout
         # Keyed by run, not by path: the same run may sit at different paths on
-        # different hosts (a mistake that the commit then reports clearly); two
-        # Checkpointers of one run are told apart by creation order.
-        with _instances_lock:
-            n = _instances.get(run_id, 0)
-            _instances[run_id] = n + 1
-        self._prefix = f"learnax/{zlib.crc32(run_id.encode()):08x}-{n}"
-        self._counter = itertools.count()
-        self._used: list[int] = []  # on process 0: exchanges whose keys still exist
+        # different hosts (a mistake that the commit then reports clearly).
+        self._prefix = f"learnax/{zlib.crc32(run_id.encode()):08x}"
+        self._repeats: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._used: list[str] = []  # on process 0: keys of exchanges that may still exist
         self._lock = threading.Lock()
 
     @property
     def leader(self) -> bool:
         return self.process == 0
 
-    def new_key(self) -> str:
-        """A fresh key for one exchange; call in the same order on every process."""
-        n = next(self._counter)
-        if self.leader:
-            with self._lock:
-                self._used.append(n)
-        return f"{self._prefix}/{n}"
+    def new_key(self, call: str) -> str:
+        """The key of the exchange for ``call``; the same on every process that makes
+        the same calls."""
+        with self._lock:
+            n = self._repeats.pop(call, 0)
+            self._repeats[call] = n + 1
+            if len(self._repeats) > _REMEMBERED_CALLS:  # repeats come close together
+                self._repeats.popitem(last=False)
+            key = f"{self._prefix}/{call}/{n}"
+            if self.leader:
+                self._used.append(key)
+        return key
 
-    def broadcast(self, key: str, value: Any = None, *, timeout_factor: float = 1) -> Any:
-        """Process 0's ``value`` (any JSON value), on every process; the others wait
-        for it ``timeout_factor`` times the timeout."""
+    def broadcast(self, key: str, value: Any = None) -> Any:
+        """Process 0's ``value`` (any JSON value), on every process."""
         if self.leader:
             self._set(key, json.dumps(value))
             return value
-        return json.loads(self._get(key, int(self.timeout_ms * timeout_factor)))
+        return json.loads(self._get(key, time.monotonic() + self.timeout))
 
     def send(self, key: str, value: str) -> None:
         """Hand ``value`` to process 0 (see :meth:`gather`)."""
         self._set(f"{key}/{self.process}", value)
 
     def gather(self, key: str, own: str) -> list[str]:
-        """On process 0: every process's value sent under ``key``, in process order.
-        Waits at most the timeout in all (``PeerError`` after it)."""
-        values = [own]
-        for process in range(1, self.count):
-            values.append(self._get(f"{key}/{process}", self.timeout_ms))
-        self._forget_before(int(key.rpartition("/")[2]))
+        """On process 0: every process's value sent under ``key``, in process order,
+        waiting at most the timeout in all (``PeerError`` after it)."""
+        deadline = time.monotonic() + self.timeout
+        values = [own] + [self._get(f"{key}/{p}", deadline) for p in range(1, self.count)]
+        self._forget_before(key)
         return values
 
-    def barrier(self, key: str) -> None:
-        try:
-            self._client.wait_at_barrier(key, self.timeout_ms)
-        except Exception as e:  # jax raises its own runtime error type
-            raise PeerError(f"processes did not meet at {key} within the timeout: {e}") from None
+    def publish_outcome(self, key: str, outcome: dict[str, Any]) -> None:
+        """On process 0: the outcome of the exchange ``key``, for the others."""
+        self._set(f"{key}/outcome", json.dumps(outcome))
 
-    def _forget_before(self, n: int) -> None:
-        """Delete the keys of the exchanges before number ``n``: every process sent its
-        part of exchange ``n``, so each has read all earlier ones (calls are made in
-        the same order everywhere, and one save at a time)."""
+    def wait_outcome(self, key: str) -> dict[str, Any]:
+        """On the other processes: the outcome process 0 published for ``key``.
+
+        Waiting is bounded, but process 0 may be slow rather than dead: after twice the
+        timeout this process says it gives up (an abort key, which process 0 checks
+        right before committing, see :meth:`check_not_abandoned`), then waits one more
+        timeout for an outcome decided before that."""
+        try:
+            return json.loads(self._get(f"{key}/outcome", time.monotonic() + 2 * self.timeout))
+        except PeerError:
+            with contextlib.suppress(Exception):
+                self._client.key_value_set(f"{key}/abort/{self.process}", "1")
+        return json.loads(self._get(f"{key}/outcome", time.monotonic() + self.timeout))
+
+    def check_not_abandoned(self, key: str) -> None:
+        """On process 0, right before a commit: ``PeerError`` when another process gave
+        up waiting for this exchange (it has returned ``None`` or is about to)."""
+        try:
+            entries = self._client.key_value_dir_get(f"{key}/abort/")
+        except Exception as e:  # jax raises its own runtime error type
+            raise PeerError(f"cannot reach JAX's coordination service ({key}): {e}") from None
+        if entries:
+            who = sorted(k.rpartition("/")[2] for k, _ in entries)
+            raise PeerError(f"process(es) {', '.join(who)} stopped waiting for this save")
+
+    def _forget_before(self, key: str) -> None:
+        """Delete the keys of the exchanges allocated before ``key``: every process sent
+        its part of ``key``, so each has read all earlier ones (calls are made in the
+        same order everywhere, and one save at a time)."""
         with self._lock:
-            stale = [m for m in self._used if m < n]
-            self._used = [m for m in self._used if m >= n]
-        for m in stale:
+            if key not in self._used:
+                return
+            i = self._used.index(key)
+            stale, self._used = self._used[:i], self._used[i:]
+        for old in stale:
             try:
-                self._client.key_value_delete(f"{self._prefix}/{m}")
+                self._client.key_value_delete(old)
             except Exception:  # a leftover key costs a few bytes on the coordinator
                 pass
 
@@ -136,17 +168,20 @@ class Coordinator:
         except Exception as e:  # jax raises its own runtime error type
             raise PeerError(f"cannot reach JAX's coordination service ({key}): {e}") from None
 
-    def _get(self, key: str, timeout_ms: int) -> str:
+    def _get(self, key: str, deadline: float) -> str:
+        def remaining_ms() -> int:
+            return max(1, int((deadline - time.monotonic()) * 1000))
+
         try:
-            head = self._client.blocking_key_value_get(key, timeout_ms)
+            head = self._client.blocking_key_value_get(key, remaining_ms())
             count, _, first = head.partition(":")
             rest = [
-                self._client.blocking_key_value_get(f"{key}/piece{i}", timeout_ms)
+                self._client.blocking_key_value_get(f"{key}/piece{i}", remaining_ms())
                 for i in range(1, int(count))
             ]
         except Exception as e:  # jax raises its own runtime error type
             raise PeerError(
-                f"no answer from the other processes for {key} within "
-                f"{timeout_ms / 1000:g} s (did one die, or not make the same call?): {e}"
+                f"no answer from the other processes for {key} in time (did one die, or "
+                f"not make the same call?): {e}"
             ) from None
         return first + "".join(rest)

@@ -48,10 +48,10 @@ def open_storage(
     ``file://`` URL gives :class:`LocalStorage` and a local path; any other URL gives
     :class:`FsspecStorage` (fsspec must be installed, with the filesystem's package,
     e.g. ``s3fs``) and the URL itself."""
-    if "://" not in path or path.startswith("file://"):
+    if "://" not in path or path.startswith(("file://", "local://")):
         if storage_options:
             raise ValueError(f"storage_options are for fsspec URLs, not the local path {path!r}")
-        return LocalStorage(), path.removeprefix("file://")
+        return LocalStorage(), path.split("://", 1)[-1]
     try:
         import fsspec
     except ImportError:
@@ -344,14 +344,21 @@ def _as_oserror(method: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> T:
-        try:
+        with _filesystem_errors():
             return method(*args, **kwargs)
-        except (OSError, EOFError):
-            raise
-        except Exception as e:
-            raise OSError(f"{type(e).__name__}: {e}") from e
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _filesystem_errors() -> Iterator[None]:
+    """A filesystem's own exceptions as ``OSError``; ours (EOFError) as they are."""
+    try:
+        yield
+    except (OSError, EOFError):
+        raise
+    except Exception as e:
+        raise OSError(f"{type(e).__name__}: {e}") from e
 
 
 class FsspecStorage:
@@ -468,34 +475,52 @@ class FsspecStorage:
     def open_read(self, path: str) -> FsspecReadFile:
         return FsspecReadFile(self.fs, path)
 
-    @_as_oserror
     def write_durable(self, path: str, chunks: Iterable[memoryview | bytes]) -> int:
         """Upload ``chunks`` as one object, in parts: never the whole file in memory.
-        An upload that fails is aborted, so no partial object appears."""
+        An upload that fails is aborted, so no partial object appears. Errors of the
+        filesystem come out as ``OSError``; those of ``chunks`` itself as they are."""
         written = 0
-        f = self.fs.open(path, "wb", block_size=_UPLOAD_PART)
+        with _filesystem_errors():
+            f = self.fs.open(path, "wb", block_size=_UPLOAD_PART)
         try:
             for chunk in chunks:
                 view = memoryview(chunk).cast("B")
-                for start in range(0, view.nbytes, _UPLOAD_PART):
-                    f.write(view[start : start + _UPLOAD_PART])
+                with _filesystem_errors():
+                    for start in range(0, view.nbytes, _UPLOAD_PART):
+                        f.write(view[start : start + _UPLOAD_PART])
                 written += view.nbytes
+            with _filesystem_errors():
+                f.close()
         except BaseException:
-            with contextlib.suppress(Exception):
-                discard = getattr(f, "discard", None)
-                if discard is not None:
-                    discard()  # aborts a multipart upload
-                else:
-                    f.close()
-                    self.remove(path)
+            self._abandon(f, path)
             raise
-        f.close()
         return written
+
+    def _abandon(self, f: Any, path: str) -> None:
+        with contextlib.suppress(Exception):
+            if hasattr(f, "discard"):
+                f.discard()  # aborts a multipart upload
+                f.closed = True  # or its destructor would try to finish it
+            else:
+                f.close()
+                self.remove(path)
 
     @_as_oserror
     def replace_atomic(self, path: str, data: bytes, tmp_name: str) -> None:
-        # One PUT: readers see the old object or the new one, never a mix.
-        self.fs.pipe_file(path, data)
+        if self._object_store:
+            # One PUT: readers see the old object or the new one, never a mix.
+            self.fs.pipe_file(path, data)
+            return
+        # A filesystem with directories (sftp, hdfs, smb...): a temporary file moved
+        # over the old one, as on a local disk.
+        tmp = self.join(self.dirname(path), tmp_name)
+        try:
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, path)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.fs.rm_file(tmp)
+            raise
 
     def fsync_dir(self, path: str) -> None:
         pass  # nothing to flush: an upload is durable once it completes
