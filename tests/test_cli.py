@@ -956,3 +956,122 @@ def test_verify_api_returns_the_damaged_checkpoint(two_runs_copy):
     path, problem = problems[0]
     assert Path(path).resolve() == ckpt_path(two_runs_copy, "alpha", 10).resolve()
     assert isinstance(problem, str) and problem
+
+
+# --- edge cases found in review ---------------------------------------------------------
+
+
+def save_pair(tmp_path, first, second, run="r"):
+    """Two checkpoints of one run (steps 1 and 2); their paths."""
+    ckpt = Checkpointer(str(tmp_path / "reg"), run, save_every=None, checkpoint_every=None)
+    return ckpt.save_checkpoint(first, step=1), ckpt.save_checkpoint(second, step=2)
+
+
+def test_diff_tells_integers_apart_beyond_float64_precision(tmp_path):
+    a, b = save_pair(
+        tmp_path,
+        {"ids": np.array([2**53, 7], np.int64), "seed": 2**60},
+        {"ids": np.array([2**53 + 1, 7], np.int64), "seed": 2**60 + 1},
+    )
+    result = run_json("diff", a, b, returncode=1)
+    assert {d["path"]: d["max_abs"] for d in result["different"]} == {"ids": 1.0, "seed": 1.0}
+
+
+def test_diff_keeps_leaves_whose_paths_print_alike_apart(tmp_path):
+    a, b = save_pair(
+        tmp_path,
+        {"a/b": np.zeros(2), "a": {"b": np.zeros(2)}, 1: 0, "1": 0},
+        {"a/b": np.zeros(2), "a": {"b": np.ones(2)}, 1: 0, "1": 9},
+    )
+    result = run_json("diff", a, b, returncode=1)
+    assert len(result["different"]) == 2 and result["identical"] == 2, result
+
+
+def test_diff_counts_a_nan_against_a_number_as_an_infinite_difference(tmp_path):
+    a, b = save_pair(
+        tmp_path,
+        {"w": np.array([1.0, 2.0]), "v": np.array([np.nan]), "same": np.array([np.nan])},
+        {"w": np.array([np.nan, 2.0]), "v": np.array([3.0]), "same": np.array([np.nan])},
+    )
+    done = run_cli("diff", a, b, "--json")
+    assert done.returncode == 1, describe(done)
+    assert "Warning" not in done.stderr, describe(done)
+    result = json.loads(done.stdout, parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    different = {d["path"]: d for d in result["different"]}
+    assert set(different) == {"w", "v"} and result["identical"] == 1
+    assert different["w"]["max_abs"] == "Infinity" and different["w"]["max_rel"] == 1.0
+
+
+def test_a_run_whose_name_starts_with_state_is_still_a_run(tmp_path):
+    registry = tmp_path / "reg"
+    Checkpointer(str(registry), "state_space").save_checkpoint({"w": np.ones(3)}, step=5)
+    listing = run_json("ls", registry / "state_space")
+    assert [c["step"] for c in listing["checkpoints"]] == [5]
+    assert run_cli("verify", registry / "state_space").returncode == 0
+
+
+def test_verify_of_a_directory_without_checkpoints_fails(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_error(run_cli("verify", tmp_path / "empty"))
+
+
+def test_storage_options_are_accepted_after_the_command(two_runs):
+    done = run_cli("ls", two_runs.path, "--storage-options", "{}")
+    assert done.returncode == 0, describe(done)
+
+
+def test_a_crafted_safetensors_file_fails_cleanly_naming_it(tmp_path):
+    header = json.dumps({"w": {"dtype": "F32", "shape": [10**30], "data_offsets": [0, 4]}}).encode()
+    crafted = tmp_path / "crafted.safetensors"
+    crafted.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    done = run_cli("convert", crafted, tmp_path / "reg/r/checkpoints/state_1")
+    assert_error(done, returncode=1)
+    assert "crafted.safetensors" in done.stderr
+
+
+def test_export_refuses_a_dtype_safetensors_cannot_hold(tmp_path):
+    import ml_dtypes
+
+    (path,) = save_pair(tmp_path, {"q": np.zeros(4, ml_dtypes.int4)}, {"q": np.zeros(1)})[:1]
+    done = run_cli("convert", path, tmp_path / "out.safetensors")
+    assert_error(done)
+    assert "int4" in done.stderr and not (tmp_path / "out.safetensors").exists()
+
+
+def test_export_of_a_single_array_names_it_by_its_path(tmp_path):
+    from safetensors.numpy import load_file
+
+    (path,) = save_pair(tmp_path, {"params": {"w": np.ones((2, 3), np.float32)}}, {})[:1]
+    run_ok("convert", path, tmp_path / "w.safetensors", "--only", "params/w")
+    assert list(load_file(tmp_path / "w.safetensors")) == ["params/w"]
+
+
+def test_convert_refuses_a_pickle_whose_step_is_not_a_step(tmp_path):
+    legacy = tmp_path / "state_x.pyd"
+    legacy.write_bytes(pickle.dumps({"state": {"w": np.ones(2)}, "step": -1}))
+    done = run_cli("convert", legacy, tmp_path / "reg/r/checkpoints/state_x", "--allow-pickle")
+    assert_error(done)
+    assert "--step" in done.stderr
+    assert not (tmp_path / "reg/r/checkpoints/state_x").exists()
+
+
+def test_verify_from_python_never_starts_a_jax_backend(tmp_path):
+    import jax
+
+    (path,) = save_pair(tmp_path, {"key": jax.random.key(0), "w": np.ones(3)}, {})[:1]
+    probe = (
+        "import sys\n"
+        "from learnax.checkpoint import verify\n"
+        "from jax._src import xla_bridge\n"
+        f"assert verify({str(path)!r}) == []\n"
+        "print(xla_bridge.backends_are_initialized())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=TIMEOUT_S,
+    )
+    assert done.returncode == 0, describe(done)
+    assert done.stdout.strip() == "False"

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -30,6 +31,11 @@ class UsageError(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if "JAX_PLATFORMS" not in os.environ:
+        # Reading checkpoints needs no accelerator: never grab a training node's GPU.
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
     # The library's warnings (a pickle unpickled, a damaged checkpoint skipped), as one
     # line each on stderr.
     logging.basicConfig(format="learnax: %(levelname)s: %(message)s", level=logging.WARNING)
@@ -56,14 +62,16 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="learnax", description="Look at, check, compare, convert and prune checkpoints."
     )
-    parser.add_argument(
-        "--storage-options",
-        type=_json_object,
-        default=None,
-        metavar="JSON",
-        help="options for the fsspec filesystem of URLs, e.g. '{\"anon\": true}'",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_storage_options(parser, default=None)
+    # Also accepted after the command (then it wins): `learnax ls URL --storage-options ...`.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_storage_options(common, default=argparse.SUPPRESS)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    class commands:  # noqa: N801 - reads as the subparsers object it stands for
+        @staticmethod
+        def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+            return subparsers.add_parser(name, parents=[common], **kwargs)
 
     ls = commands.add_parser("ls", help="the runs of a registry, or the checkpoints of a run")
     ls.add_argument("path", help="a registry or a run (<registry>/<run_id>)")
@@ -129,6 +137,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     plot.set_defaults(run=cmd_plot)
     return parser
+
+
+def _add_storage_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument(
+        "--storage-options",
+        type=_json_object,
+        default=default,
+        metavar="JSON",
+        help="options for the fsspec filesystem of URLs, e.g. '{\"anon\": true}'",
+    )
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -226,6 +244,9 @@ def _checkpoint_row(storage: Any, path: str) -> dict[str, Any]:
     row: dict[str, Any] = {"name": name, "path": path}
     try:
         info = _inspect.checkpoint_info(storage, path)
+        problem = _files_problem(storage, path)
+    except FileNotFoundError:  # deleted (retention of a live run) while listing
+        return {**row, "step": None, "time": None, "bytes": 0, "metrics": {}, "status": "gone"}
     except CheckpointCorruptedError as e:
         size, _ = storage.usage(path)
         return {
@@ -237,7 +258,6 @@ def _checkpoint_row(storage: Any, path: str) -> dict[str, Any]:
             "status": "damaged",
             "problem": str(e),
         }
-    problem = _size_problem(storage, path, info.files)
     return {
         **row,
         "step": info.step,
@@ -249,17 +269,20 @@ def _checkpoint_row(storage: Any, path: str) -> dict[str, Any]:
     }
 
 
-def _size_problem(storage: Any, path: str, files: dict[str, Any]) -> str | None:
-    """A data file missing or of the wrong size (``ls`` does not read the data)."""
-    for name, entry in files.items():
-        file = storage.join(path, name)
+def _files_problem(storage: Any, path: str) -> str | None:
+    """A data file missing, of the wrong size or with a damaged header (``ls`` reads
+    headers, not data). A checkpoint replaced meanwhile by a live run is read again."""
+    problem = None
+    for _ in range(3):
+        manifest = _format.read_manifest(storage, path)
         try:
-            size = storage.size(file)
-        except FileNotFoundError:
-            return f"{file} is missing"
-        if size != entry["bytes"]:
-            return f"{file} is {size} bytes, the manifest says {entry['bytes']}"
-    return None
+            _format.CheckpointReader(storage, path, manifest).check_files()
+            return None
+        except CheckpointCorruptedError as e:
+            problem = str(e)
+        if _format.read_manifest(storage, path) == manifest:
+            return problem
+    return problem
 
 
 def _run_row(storage: Any, run: str) -> dict[str, Any]:
@@ -361,6 +384,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     storage, path, kind = _open(args, args.path)
     checkpoints = _inspect.checkpoints_under(storage, path)
+    if not checkpoints:
+        raise UsageError(f"no checkpoints under {path}")
     bar = _progress(len(checkpoints))
     results: list[tuple[str, str | None]] = []
 
@@ -393,8 +418,12 @@ def _progress(total: int) -> Any:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     for side in (args.a, args.b):
-        _open(args, side)  # a missing path is a usage error
-    result = _inspect.diff(args.a, args.b, storage_options=args.storage_options)
+        if _open(args, side)[2] != "checkpoint":
+            raise UsageError(f"{side} is not a checkpoint (.../checkpoints/state_<name>)")
+    try:
+        result = _inspect.diff(args.a, args.b, storage_options=args.storage_options)
+    except CheckpointCorruptedError as e:
+        return _fail(str(e), 2)  # as diff(1): 1 means "they differ", 2 "trouble"
     differ = bool(result["added"] or result["removed"] or result["changed"] or result["different"])
     if args.json:
         _print_json({**result, "differ": differ})
@@ -474,15 +503,21 @@ def cmd_plot(args: argparse.Namespace) -> int:
         except CheckpointCorruptedError:
             continue
         value = metrics.get(args.metric)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if not math.isfinite(value):
             continue
         points[manifest["step"]] = float(value)
         record = manifest.get("best")
-        if checkpoint.endswith("/state_best") and isinstance(record, dict):
+        if (
+            checkpoint.endswith("/state_best")
+            and isinstance(record, dict)
+            and record.get("metric") == args.metric
+        ):
             best = (manifest["step"], float(value))
             maximize = maximize or record.get("minimize") is False
     if not points:
-        raise UsageError(f"no checkpoint of {path} has the metric {args.metric!r}")
+        raise UsageError(f"no checkpoint of {path} has a finite value of {args.metric!r}")
     steps = sorted(points)
     values = [points[s] for s in steps]
     if best is None or best[1] != (max(values) if maximize else min(values)):
@@ -517,7 +552,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, default=str, allow_nan=True))
+    # Strict JSON: NaN and infinities become "NaN", "Infinity", "-Infinity".
+    print(json.dumps(_finite(value), indent=2, default=str, allow_nan=False))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _print_table(headers: list[str], rows: list[list[str]]) -> None:

@@ -740,19 +740,7 @@ class Checkpointer:
             self._delete(f"{_PREFIX}{step}")
 
     def _delete(self, name: str) -> None:
-        # Removing the manifest first makes the deletion atomic for readers: a crash
-        # halfway leaves a directory without manifest, a leftover, never a checkpoint
-        # with missing files.
-        directory = self._storage.join(self.checkpoint_dir, name)
-        try:
-            with self._storage.lock(self.checkpoint_dir):
-                self._storage.remove(self._storage.join(directory, _format.MANIFEST))
-                self._storage.fsync_dir(directory)
-                self._storage.rmtree(directory)
-        except OSError as e:
-            logger.warning("Could not delete old checkpoint %s: %s", directory, e)
-        else:
-            logger.debug("Deleted old checkpoint %s", directory)
+        delete_checkpoint(self._storage, self.checkpoint_dir, name)
 
     # ----------------------------------------------------------------- listing
 
@@ -1076,6 +1064,24 @@ class Checkpointer:
 
     def __repr__(self) -> str:
         return f"Checkpointer({self.checkpoint_dir!r})"
+
+
+def delete_checkpoint(storage: Any, checkpoint_dir: str, name: str) -> bool:
+    """Delete checkpoint ``name`` of a run, under the run's lock; ``False`` (logged)
+    when it failed. Removing the manifest first makes the deletion atomic for readers:
+    a crash halfway leaves a directory without manifest, a leftover, never a
+    checkpoint with missing files."""
+    directory = storage.join(checkpoint_dir, name)
+    try:
+        with storage.lock(checkpoint_dir):
+            storage.remove(storage.join(directory, _format.MANIFEST))
+            storage.fsync_dir(directory)
+            storage.rmtree(directory)
+    except OSError as e:
+        logger.warning("Could not delete old checkpoint %s: %s", directory, e)
+        return False
+    logger.debug("Deleted old checkpoint %s", directory)
+    return True
 
 
 def retention_victims(

@@ -9,6 +9,7 @@ written as a learnax checkpoint, or its arrays as one safetensors file.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any
 
@@ -16,7 +17,7 @@ import jax
 import numpy as np
 
 from . import _format, _legacy, _tree
-from ._dtypes import SAFETENSORS_CODES, dtype_from_name
+from ._dtypes import SAFETENSORS_CODES, dtype_from_name, dtype_name
 from ._errors import CheckpointCorruptedError
 from ._storage import open_storage
 
@@ -59,9 +60,12 @@ def convert(
         state = subtree(state, only)
     storage, dst = open_storage(str(dst), storage_options)
     if dst.endswith(".safetensors"):
+        arrays = named_arrays(state, prefix=only or "")
+        if not arrays:
+            raise ValueError(f"{src}: no arrays to export{f' under {only!r}' if only else ''}")
         if storage.dirname(dst):
             storage.makedirs(storage.dirname(dst))
-        write_safetensors(storage, dst, named_arrays(state, prefix=only or ""))
+        write_safetensors(storage, dst, arrays)
         return dst
     name = dst.rstrip("/").rpartition("/")[2]
     if not name.startswith("state_"):
@@ -73,6 +77,8 @@ def convert(
         raise FileExistsError(f"{dst} already holds a checkpoint; remove it first")
     tree, leaves = _tree.encode_tree(state)
     final_step = found_step if found_step is not None else (step or 0)
+    if isinstance(final_step, bool) or not isinstance(final_step, int) or final_step < 0:
+        raise ValueError(f"{src}: step {final_step!r} is not an int >= 0; pass --step")
     _format.write_checkpoint(
         storage,
         dst,
@@ -98,6 +104,11 @@ def load_source(
     if storage.isfile(storage.join(src, _format.MANIFEST)):
         return _load_learnax(storage, src)
     if storage.isdir(src):
+        if not _looks_like_orbax(src):
+            raise ValueError(
+                f"{src} is a directory but neither a learnax checkpoint (no manifest.json) "
+                "nor an Orbax one (no _METADATA or _CHECKPOINT_METADATA)"
+            )
         if "://" in src:
             raise ValueError(f"{src}: Orbax checkpoints are converted from local paths only")
         return _load_orbax(os.path.abspath(src))  # orbax wants absolute paths
@@ -113,6 +124,17 @@ def _load_learnax(storage: Any, path: str) -> tuple[Any, int, dict[str, Any]]:
     except _tree.MalformedTreeError as e:
         raise CheckpointCorruptedError(f"{path}: invalid tree: {e}") from None
     return state, manifest["step"], _format.decode_metrics(manifest["metrics"], path)
+
+
+def _looks_like_orbax(path: str) -> bool:
+    markers = ("_METADATA", "_CHECKPOINT_METADATA")
+    if any(os.path.exists(os.path.join(path, m)) for m in markers):
+        return True
+    return any(
+        os.path.exists(os.path.join(path, e, "_METADATA"))
+        for e in os.listdir(path)
+        if os.path.isdir(os.path.join(path, e))
+    )
 
 
 def _load_orbax(path: str) -> tuple[Any, int | None, dict[str, Any]]:
@@ -160,13 +182,32 @@ def subtree(state: Any, only: str) -> Any:
 
 
 def named_arrays(state: Any, prefix: str = "") -> dict[str, np.ndarray]:
-    """The arrays of a tree by path (keys joined by "/", under ``prefix``); Python
-    scalars and strings, which safetensors cannot hold, are left out (logged)."""
-    _, leaves = _tree.encode_tree(state)
+    """The arrays of a tree by path (keys joined by "/", under ``prefix``). Python
+    scalars and strings, which safetensors cannot hold, are left out (logged); an array
+    of a dtype that safetensors has no code for raises ``ValueError`` naming it (its
+    bytes would come back as another dtype)."""
+    tree, leaves = _tree.encode_tree(state)
+    prefix = prefix.strip("/")
     out = {}
     for leaf in leaves:
-        name = f"{prefix.strip('/')}/{leaf.name}" if prefix else leaf.name
-        out[name] = np.asarray(leaf.value)
+        if leaf.kind == "key":
+            raise ValueError(f"Leaf at {leaf.path} is a PRNG key: safetensors cannot hold it")
+        if dtype_name(leaf.value.dtype) not in SAFETENSORS_CODES:
+            raise ValueError(
+                f"Leaf at {leaf.path} has dtype {leaf.value.dtype}, which safetensors has no "
+                "code for; export the other leaves with --only"
+            )
+        # A lone array (the tree is one leaf) is named by the prefix itself.
+        name = "/".join(p for p in (prefix, "" if leaf.name == "_" else leaf.name) if p)
+        out[name or "_"] = np.asarray(leaf.value)
+    skipped = [
+        path for path, node in _tree.leaf_nodes(tree) if node is not None and "array" not in node
+    ]
+    if skipped:
+        logger.warning(
+            "Left out of the safetensors file (not arrays): %s",
+            ", ".join("/".join(map(str, p)) for p in skipped[:10]),
+        )
     return out
 
 
@@ -197,16 +238,22 @@ def read_safetensors(storage: Any, path: str) -> dict[str, np.ndarray]:
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
-            dtype = _FROM_CODE.get(entry.get("dtype"))
-            shape = entry.get("shape")
-            begin, end = entry["data_offsets"]
-            if dtype is None or not (
-                isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+            code, shape = entry.get("dtype"), entry.get("shape")
+            dtype = _FROM_CODE.get(code) if isinstance(code, str) else None
+            if dtype is None:
+                raise CheckpointCorruptedError(
+                    f"{path}: tensor {name!r}: unsupported dtype {code!r:.40}"
+                )
+            if not (
+                isinstance(shape, list)
+                and len(shape) <= 64
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
             ):
                 raise CheckpointCorruptedError(
-                    f"{path}: tensor {name!r}: unsupported dtype or shape"
+                    f"{path}: tensor {name!r}: invalid shape {shape!r:.80}"
                 )
-            if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != end - begin:
+            begin, end = entry["data_offsets"]  # checked by check_tiling
+            if math.prod(shape) * dtype.itemsize != end - begin:  # Python ints: no overflow
                 raise CheckpointCorruptedError(f"{path}: tensor {name!r}: size does not match")
             out[name] = np.empty(shape, dtype)
             _format.read_into(f, [out[name].reshape(-1).view(np.uint8)], 8 + length + begin, path)

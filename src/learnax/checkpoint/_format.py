@@ -755,7 +755,18 @@ class CheckpointReader:
     """Reads verified arrays of one committed checkpoint, in parallel, straight into
     the arrays that are returned (no intermediate copies)."""
 
-    def __init__(self, storage: Storage, directory: str, manifest: dict[str, Any]):
+    def __init__(
+        self,
+        storage: Storage,
+        directory: str,
+        manifest: dict[str, Any],
+        *,
+        keys_as_data: bool = False,
+    ):
+        # keys_as_data: PRNG keys come back as their uint32 key data, so that tools
+        # that only check or compare them never start a JAX backend (on a training
+        # node: the GPU, and its memory).
+        self.keys_as_data = keys_as_data
         self.storage = storage
         self.directory = directory
         self.manifest = manifest
@@ -826,7 +837,7 @@ class CheckpointReader:
             kind = info.get("kind", "array")
             if kind == "scalar":
                 self._arrays[name] = out[()]
-            elif kind == "key":
+            elif kind == "key" and not self.keys_as_data:
                 self._arrays[name] = jax.random.wrap_key_data(out, impl=info["impl"])
             else:
                 self._arrays[name] = out

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from . import _format, _tree
-from ._dtypes import dtype_from_name
 from ._errors import CheckpointCorruptedError
 from ._storage import open_storage
 
@@ -34,6 +33,7 @@ class LeafInfo:
     shape: tuple[int, ...]
     nbytes: int
     value: Any = None  # the value of a Python scalar or str leaf
+    keys: tuple[Any, ...] = ()  # the path as keys (a str key "1" and an int key 1 differ)
 
 
 @dataclass(frozen=True)
@@ -106,19 +106,18 @@ def _leaves(storage: Any, path: str, manifest: dict[str, Any]) -> list[tuple[Lea
 def _leaf_info(manifest: dict[str, Any], keys: tuple, node: Any, where: str) -> LeafInfo:
     path = "/".join(str(k) for k in keys) or "<root>"
     if node is None:
-        return LeafInfo(path, "None", (), 0)
+        return LeafInfo(path, "None", (), 0, keys=keys)
     if "array" not in node:
         tag = next(t for t in _tree.SCALAR_TAGS if t in node)
-        return LeafInfo(path, tag, (), 0, node[tag])
+        value = _tree.decode_tree(node, lambda name: None)  # a scalar: no array to read
+        return LeafInfo(path, tag, (), 0, value, keys)
     dtype, _ = _format.check_array_entry(manifest, node["array"], where)
     entry = manifest["arrays"][node["array"]]
     shape = tuple(entry["shape"])
-    name = f"key<{entry['impl']}>" if entry.get("kind") == "key" else dtype_name_of(entry)
-    return LeafInfo(path, name, shape, math.prod(shape) * dtype.itemsize)
-
-
-def dtype_name_of(entry: dict[str, Any]) -> str:
-    return str(dtype_from_name(entry["dtype"]))
+    nbytes = math.prod(shape) * dtype.itemsize
+    if entry.get("kind") == "key":  # stored as its key data: one more axis
+        return LeafInfo(path, f"key<{entry['impl']}>", shape[:-1], nbytes, keys=keys)
+    return LeafInfo(path, str(dtype), shape, nbytes, keys=keys)
 
 
 # --------------------------------------------------------------------------- where
@@ -127,15 +126,18 @@ def dtype_name_of(entry: dict[str, Any]) -> str:
 def path_kind(storage: Any, path: str) -> str:
     """``"checkpoint"``, ``"run"`` or ``"registry"``: what ``path`` points at.
     Raises ``FileNotFoundError`` when nothing is there."""
-    name = path.rstrip("/").rpartition("/")[2]
+    parent, _, name = path.rstrip("/").rpartition("/")
     if storage.isfile(storage.join(path, _format.MANIFEST)):
         return "checkpoint"
     if not storage.isdir(path):
+        if storage.isfile(path):
+            raise FileNotFoundError(f"{path} is a file, not a checkpoint, run or registry")
         raise FileNotFoundError(f"No such checkpoint, run or registry: {path}")
-    if name.startswith(_PREFIX):
-        return "checkpoint"  # one without a manifest: reading it says so
+    # A run may well be called "state_space": its checkpoints directory decides.
     if name == "checkpoints" or storage.isdir(storage.join(path, "checkpoints")):
         return "run"
+    if name.startswith(_PREFIX) and parent.rpartition("/")[2] == "checkpoints":
+        return "checkpoint"  # one without a manifest: reading it says so
     return "registry"
 
 
@@ -209,13 +211,9 @@ def verify(
     storage, path = open_storage(str(path), storage_options)
     damaged = []
     for checkpoint in checkpoints_under(storage, path):
-        try:
-            verify_checkpoint(storage, checkpoint)
-            problem = None
-        except CheckpointCorruptedError as e:
-            problem = str(e)
-        except FileNotFoundError:
-            problem = "no manifest.json: not a committed checkpoint"
+        problem = _verify_live(storage, checkpoint)
+        if problem == "gone":  # deleted by retention while we looked: nothing to check
+            continue
         if problem is not None:
             damaged.append((checkpoint, problem))
         if report is not None:
@@ -223,13 +221,40 @@ def verify(
     return damaged
 
 
-def verify_checkpoint(storage: Any, path: str) -> None:
+def _verify_live(storage: Any, path: str) -> str | None:
+    """The problem with a checkpoint, ``None`` when intact, ``"gone"`` when it was
+    deleted meanwhile. A run still training may replace a checkpoint while it is read
+    (its old files are removed after the new manifest): then it is read again."""
+    for _ in range(3):
+        try:
+            before = _format.read_manifest(storage, path)
+        except FileNotFoundError:
+            return "gone" if not storage.isdir(path) else "no manifest.json: not committed"
+        except CheckpointCorruptedError as e:
+            return str(e)
+        try:
+            verify_checkpoint(storage, path, before)
+            return None
+        except (CheckpointCorruptedError, FileNotFoundError) as e:
+            problem = str(e)
+        try:
+            if _format.read_manifest(storage, path) == before:
+                return problem
+        except FileNotFoundError:
+            return "gone"
+        except CheckpointCorruptedError as e:
+            return str(e)
+    return problem
+
+
+def verify_checkpoint(storage: Any, path: str, manifest: dict[str, Any] | None = None) -> None:
     """Check one checkpoint completely: its manifest, every data file's size and header,
     and the checksum of every byte of every array (read in batches, so memory stays
     bounded). Raises :class:`CheckpointCorruptedError` naming the file."""
-    manifest = _format.read_manifest(storage, path)
+    if manifest is None:
+        manifest = _format.read_manifest(storage, path)
     where = storage.join(path, _format.MANIFEST)
-    reader = _format.CheckpointReader(storage, path, manifest)
+    reader = _format.CheckpointReader(storage, path, manifest, keys_as_data=True)
     reader.check_files()
     try:
         in_tree = set(_tree.array_names(manifest["tree"]))
@@ -276,21 +301,22 @@ def diff(a: str, b: str, *, storage_options: dict[str, Any] | None = None) -> di
     sides = []
     for storage, path in ((storage_a, a), (storage_b, b)):
         manifest = _format.read_manifest(storage, path)
-        reader = _format.CheckpointReader(storage, path, manifest)
-        leaves = {leaf.path: (leaf, node) for leaf, node in _leaves(storage, path, manifest)}
+        reader = _format.CheckpointReader(storage, path, manifest, keys_as_data=True)
+        leaves = {leaf.keys: (leaf, node) for leaf, node in _leaves(storage, path, manifest)}
         sides.append((reader, leaves))
     (reader_a, leaves_a), (reader_b, leaves_b) = sides
     out: dict[str, Any] = {
-        "added": [p for p in leaves_b if p not in leaves_a],
-        "removed": [p for p in leaves_a if p not in leaves_b],
+        "added": [leaf.path for k, (leaf, _) in leaves_b.items() if k not in leaves_a],
+        "removed": [leaf.path for k, (leaf, _) in leaves_a.items() if k not in leaves_b],
         "changed": [],
         "different": [],
         "identical": 0,
     }
-    for path, (leaf_a, node_a) in leaves_a.items():
-        if path not in leaves_b:
+    for keys, (leaf_a, node_a) in leaves_a.items():
+        if keys not in leaves_b:
             continue
-        leaf_b, node_b = leaves_b[path]
+        path = leaf_a.path
+        leaf_b, node_b = leaves_b[keys]
         if (leaf_a.dtype, leaf_a.shape) != (leaf_b.dtype, leaf_b.shape):
             out["changed"].append({"path": path, "a": _kind(leaf_a), "b": _kind(leaf_b)})
             continue
@@ -314,38 +340,44 @@ def _kind(leaf: LeafInfo) -> str:
 
 
 def _numeric(value: Any) -> np.ndarray:
-    import jax
-
-    if isinstance(value, jax.Array):  # a typed PRNG key: compare its key data
-        value = np.asarray(jax.random.key_data(value))
-    return np.asarray(value)
+    return np.asarray(value)  # PRNG keys are read as their key data (keys_as_data)
 
 
 def _difference(x: Any, y: Any) -> dict[str, float] | None:
-    """Max absolute and relative difference, or None when equal (NaNs equal NaNs)."""
-    if not isinstance(x, np.ndarray):
-        if x == y or (
-            isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y)
-        ):
+    """Max absolute and relative difference (relative to the larger magnitude of the
+    two), or None when equal; NaN equals NaN, a NaN against a number differs by inf."""
+    if isinstance(x, str) or isinstance(y, str):
+        return None if x == y else {"max_abs": math.nan, "max_rel": math.nan}
+    if type(x) is int and type(y) is int:  # Python ints of any size, exactly
+        if x == y:
             return None
-        if isinstance(x, (int, float)) and isinstance(y, (int, float)):
-            x, y = np.asarray(x), np.asarray(y)
-        else:
-            return {"max_abs": math.nan, "max_rel": math.nan}
-    # Compared in float64 (complex128): exact for every stored dtype but 64-bit ints
-    # beyond 2**53, which are compared exactly first.
-    if np.array_equal(x, y):
+        return {"max_abs": float(abs(x - y)), "max_rel": abs(x - y) / max(abs(x), abs(y))}
+    x, y = np.asarray(x), np.asarray(y)
+    if x.dtype.kind in "biu" and y.dtype.kind in "biu":
+        # Exactly, in Python ints: float64 would merge 2**53 and 2**53 + 1.
+        if np.array_equal(x, y):
+            return None
+        a, b = x.astype(object).ravel(), y.astype(object).ravel()
+        diffs = [abs(int(p) - int(q)) for p, q in zip(a, b, strict=True)]
+        scales = [max(abs(int(p)), abs(int(q))) for p, q in zip(a, b, strict=True)]
+        return {
+            "max_abs": float(max(diffs)),
+            "max_rel": max((d / s if d else 0.0) for d, s in zip(diffs, scales, strict=True)),
+        }
+    wide = np.complex128 if "c" in (x.dtype.kind, y.dtype.kind) else np.float64
+    x, y = x.astype(wide), y.astype(wide)
+    nan_x, nan_y = np.isnan(x), np.isnan(y)
+    same = (x == y) | (nan_x & nan_y)
+    if bool(np.all(same)):
         return None
-    wide = np.complex128 if np.asarray(x).dtype.kind == "c" else np.float64
-    x, y = np.asarray(x).astype(wide), np.asarray(y).astype(wide)
-    both_nan = np.isnan(x) & np.isnan(y)
-    if bool(np.all((x == y) | both_nan)):
-        return None
-    with np.errstate(invalid="ignore", divide="ignore"):
-        abs_diff = np.where(both_nan, 0, np.abs(x - y))
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        abs_diff = np.where(same, 0.0, np.abs(x - y))
+        abs_diff = np.where(~same & (nan_x | nan_y), np.inf, abs_diff)  # NaN vs a number
+        abs_diff = np.where(np.isnan(abs_diff), np.inf, abs_diff)  # inf vs -inf
         scale = np.maximum(np.abs(x), np.abs(y))
-        rel = np.where(abs_diff == 0, 0, abs_diff / scale)
-    return {"max_abs": float(np.nanmax(abs_diff)), "max_rel": float(np.nanmax(rel))}
+        rel = np.where(same, 0.0, np.minimum(abs_diff / scale, 2.0))
+        rel = np.where(~same & (np.isinf(scale) | np.isnan(rel)), 1.0, rel)
+    return {"max_abs": float(abs_diff.max()), "max_rel": float(rel.max())}
 
 
 # --------------------------------------------------------------------------- prune
@@ -361,20 +393,21 @@ def prune(
 ) -> list[str]:
     """Apply retention to a run offline: delete the numbered checkpoints beyond the
     newest ``keep`` (multiples of ``keep_period`` are kept and not counted); latest,
-    best and other names are never touched.
+    best and other names are never touched. Each deletion takes the run's lock, as a
+    training run's retention does.
 
-    **Returns:** the paths deleted (with ``dry_run``: that would be deleted).
+    **Returns:** the paths deleted (with ``dry_run``: that would be deleted). Raises
+    ``OSError`` naming those that could not be deleted.
 
     **Example:** `prune("runs/mlp", keep=3, dry_run=True)`
     """
-    from ._checkpointer import Checkpointer, retention_victims
+    from ._checkpointer import delete_checkpoint, retention_victims
 
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise ValueError(f"keep must be an int >= 1, got {keep!r}")
-    if keep_period is not None and (
-        isinstance(keep_period, bool) or not isinstance(keep_period, int) or keep_period < 1
-    ):
-        raise ValueError(f"keep_period must be an int >= 1, got {keep_period!r}")
+    for name, value, low in (("keep", keep, 1), ("keep_period", keep_period, 1)):
+        if value is None and name == "keep_period":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     storage, run = open_storage(str(run), storage_options)
     if path_kind(storage, run) != "run":
         raise FileNotFoundError(f"Not a run (no checkpoints directory): {run}")
@@ -384,20 +417,10 @@ def prune(
         for n in checkpoint_names(storage, directory)
         if n[len(_PREFIX) :].isdigit()
     ]
-    victims = [
-        storage.join(directory, f"{_PREFIX}{s}")
-        for s in retention_victims(steps, keep, keep_period)
-    ]
-    if dry_run or not victims:
-        return victims
-    run_dir = storage.dirname(directory)
-    ckpt = Checkpointer(
-        storage.dirname(run_dir),
-        run_dir.rstrip("/").rpartition("/")[2],
-        save_every=None,
-        checkpoint_every=None,
-        storage_options=storage_options,
-    )
-    for victim in victims:
-        ckpt._delete(victim.rpartition("/")[2])
-    return [v for v in victims if not storage.isfile(storage.join(v, _format.MANIFEST))]
+    names = [f"{_PREFIX}{s}" for s in retention_victims(steps, keep, keep_period)]
+    if dry_run:
+        return [storage.join(directory, n) for n in names]
+    failed = [n for n in names if not delete_checkpoint(storage, directory, n)]
+    if failed:
+        raise OSError(f"could not delete {', '.join(storage.join(directory, n) for n in failed)}")
+    return [storage.join(directory, n) for n in names]

@@ -466,6 +466,8 @@ def leaf_nodes(node: Node) -> list[tuple[KeyPath, Node]]:
             out.append((path, None))
             continue
         tag = _tag(n, path)
+        if tag == "array":
+            _expect(n[tag], str, path)
         if tag in _SCALAR_TAGS or tag == "array":
             out.append((path, n))
             continue
