@@ -278,6 +278,8 @@ class Worker:
     def checkpointer(self, **kwargs):
         from learnax.checkpoint import Checkpointer
 
+        if self.params.get("storage_options") is not None:
+            kwargs.setdefault("storage_options", self.params["storage_options"])
         return Checkpointer(self.params["registry"], self.params.get("run", RUN), **kwargs)
 
     def timed_load(self, name: str, load):

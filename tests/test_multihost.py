@@ -775,3 +775,42 @@ def test_a_process_0_slower_than_the_others_wait_commits_nothing(tmp_path):
     results = run.check()
     assert [r["path"] for r in results] == [None, None], run.report()
     assert all(r["listed"] == {} for r in results), run.report()
+
+
+def test_a_multi_host_save_to_s3_restores_on_another_process_count(tmp_path):
+    """Object storage and multi-host together: 2 processes x 2 devices save to a real
+    S3-compatible server (moto on 127.0.0.1), 4 processes x 1 device restore their
+    quarters from it."""
+    pytest.importorskip("s3fs")
+    boto3 = pytest.importorskip("boto3")
+    from moto_server import MotoServer
+
+    server = MotoServer().start()
+    try:
+        boto3.client(
+            "s3",
+            endpoint_url=server.endpoint_url,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        ).create_bucket(Bucket="multihost")
+        params = {"registry": "s3://multihost/reg", "storage_options": server.storage_options()}
+        saved = launch("save", tmp_path / "save", processes=2, devices=2, params=params)
+        results = saved.check()
+        assert (
+            results[0]["path"]
+            == results[1]["path"]
+            == f"s3://multihost/reg/{RUN}/checkpoints/state_{STEP}"
+        ), saved.report()
+        specs = {"/".join(path): ["p"] for path in SHARDED}
+        loads = [{"name": "target", "mesh": [4], "axes": ["p"], "specs": specs}]
+        run = launch(
+            "restore",
+            tmp_path / "restore",
+            processes=4,
+            devices=1,
+            params={**params, "step": STEP, "loads": loads},
+        )
+        assert_restored(run, "target", with_target=True)
+    finally:
+        server.close()

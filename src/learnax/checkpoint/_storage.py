@@ -16,6 +16,7 @@ nothing there relies on rename.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import functools
 import os
@@ -455,6 +456,9 @@ class FsspecStorage:
             total += int(info.get("size") or 0)
             for key in ("LastModified", "mtime", "updated", "created"):
                 when = info.get(key)
+                if isinstance(when, str):  # gcsfs: an ISO 8601 string
+                    with contextlib.suppress(ValueError):
+                        when = datetime.datetime.fromisoformat(when.replace("Z", "+00:00"))
                 if hasattr(when, "timestamp"):
                     when = when.timestamp()
                 if isinstance(when, (int, float)):
