@@ -1219,3 +1219,13 @@ def test_a_damaged_block_of_a_large_array_is_detected(make_checkpointer):
     data.write_bytes(bytes(raw))
     with pytest.raises(CheckpointCorruptedError, match="checksum mismatch"):
         ckpt.load_checkpoint(1)
+
+
+def test_a_function_placeholder_naming_any_module_imports_nothing(make_checkpointer):
+    ckpt, path = saved(make_checkpointer, state={"w": np.ones(2), "f": len})
+    rewrite_manifest(
+        path, lambda m: m["tree"]["dict"][1].__setitem__(1, {"callable": "antigravity.fly"})
+    )
+    assert "antigravity" not in sys.modules
+    assert ckpt.load_checkpoint(1)["state"]["f"] is None
+    assert "antigravity" not in sys.modules

@@ -109,7 +109,8 @@ def _leaf_info(manifest: dict[str, Any], keys: tuple, node: Any, where: str) -> 
         return LeafInfo(path, "None", (), 0, keys=keys)
     if "array" not in node:
         tag = next(t for t in _tree.SCALAR_TAGS if t in node)
-        value = _tree.decode_tree(node, lambda name: None)  # a scalar: no array to read
+        # A scalar: no array to read. A function was not stored: its name is shown.
+        value = node[tag] if tag == "callable" else _tree.decode_tree(node, lambda name: None)
         return LeafInfo(path, tag, (), 0, value, keys)
     dtype, _ = _format.check_array_entry(manifest, node["array"], where)
     entry = manifest["arrays"][node["array"]]

@@ -125,6 +125,8 @@ def _as_target_leaf(value: Any, like: Any, where: str) -> Any:
         )
     if isinstance(value, (dict, list, tuple)) and not isinstance(like, (dict, list, tuple)):
         raise ValueError(f"Leaf at {where}: the checkpoint has a subtree here, not a leaf")
+    if value is None and callable(like) and not isinstance(like, type):
+        return like  # a function is not stored (its placeholder reads as None): the target's
     return value
 
 

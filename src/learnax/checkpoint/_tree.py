@@ -156,11 +156,18 @@ def _encode(x: Any, path: KeyPath, name: str, leaves: list[ArrayLeaf], used: set
             items.append([k, _encode(child, (*path, key), _child(name, k), leaves, used)])
         cls = type(x)
         return {"node": items, "type": f"{cls.__module__}.{cls.__qualname__}"}
+    if callable(x) and not isinstance(x, type):
+        # Functions cannot be stored safely (that would mean pickling code): recorded by
+        # name only, and taken from the target on load, as equinox's own serialisation
+        # does.
+        name = getattr(x, "__qualname__", None) or getattr(x, "__name__", None) or type(x).__name__
+        return {"callable": f"{getattr(x, '__module__', None) or ''}.{name}".lstrip(".")}
     raise TypeError(
         f"Leaf at {keystr(path)} has type {type(x).__module__}.{type(x).__qualname__}, "
         "which learnax cannot save. Supported leaves: numpy and jax arrays, numpy scalars, "
-        "typed PRNG keys, int, float, bool, complex, str and None, inside dicts, lists, "
-        "tuples, NamedTuples and registered pytree nodes. Convert it, or drop it in prepare_fn."
+        "typed PRNG keys, int, float, bool, complex, str and None (and functions, which "
+        "are not stored: a load takes them from its target), inside dicts, lists, tuples, "
+        "NamedTuples and registered pytree nodes. Convert it, or drop it in prepare_fn."
     )
 
 
@@ -222,7 +229,9 @@ def _is_namedtuple_class(cls: type) -> bool:
 # --------------------------------------------------------------------------- decode
 
 ArrayGetter = Callable[[str], Any]
-SCALAR_TAGS = ("bool", "int", "float", "complex", "str")
+# Leaves stored in the tree itself. "callable" is a placeholder: a function in the tree
+# (an equinox module's activation) is not stored; a load takes it from the target.
+SCALAR_TAGS = ("bool", "int", "float", "complex", "str", "callable")
 _SCALAR_TAGS = SCALAR_TAGS
 
 
@@ -340,6 +349,9 @@ def _decode_scalar(tag: str, value: Any, path: KeyPath) -> Any:
             return complex(decode_float(value[0], where), decode_float(value[1], where))
     except ValueError as e:
         raise MalformedTreeError(str(e)) from None
+    if tag == "callable":
+        _expect(value, str, path)
+        return None  # not stored: a target supplies it
     return _expect(value, str, path)
 
 
