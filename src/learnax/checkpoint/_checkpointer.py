@@ -172,6 +172,10 @@ class Checkpointer:
     - `multihost_timeout`: on multi-host runs, how many seconds a process waits for the
       others' part of a save before the save fails (returns ``None``) everywhere.
 
+    **Returns:** the Checkpointer of the run; creating it makes the run's checkpoint
+    directory, removes what interrupted saves left there, and reads the stored best
+    metric value.
+
     **Example:**
 
     ```python
@@ -265,6 +269,8 @@ class Checkpointer:
         **Arguments:** `step`: the current training step.
 
         **Returns:** ``True`` when ``save_every`` is set and divides ``step``.
+
+        **Example:** `Checkpointer("runs", "mlp", save_every=100).should_save_latest(300)  # True`
         """
         return bool(self.save_every) and _as_step(step) % self.save_every == 0
 
@@ -274,6 +280,8 @@ class Checkpointer:
         **Arguments:** `step`: the current training step.
 
         **Returns:** ``True`` when ``checkpoint_every`` is set and divides ``step``.
+
+        **Example:** `Checkpointer("runs", "mlp", checkpoint_every=1000).should_save_numbered(500)  # False`
         """
         return bool(self.checkpoint_every) and _as_step(step) % self.checkpoint_every == 0
 
@@ -415,6 +423,8 @@ class Checkpointer:
         self, train_state: Any, step: int | None = None, metrics: dict[str, float] | None = None
     ) -> str | None:
         """Save the rolling ``latest`` checkpoint (``save_checkpoint(..., suffix="latest")``).
+
+        **Arguments:** `train_state`, `step` and `metrics` as in :meth:`save_checkpoint`.
 
         **Returns:** its path, or ``None`` when storage failed.
 
@@ -683,6 +693,8 @@ class Checkpointer:
         Raises :class:`CheckpointSaveError` if it failed. Returns at once when nothing
         is in flight, and always in synchronous mode.
 
+        **Arguments:** none. **Returns:** ``None``.
+
         **Example:**
 
         ```python
@@ -698,6 +710,8 @@ class Checkpointer:
         Raises :class:`CheckpointSaveError` if that save failed. Calling it again does
         nothing; saves after ``close()`` are synchronous. ``with Checkpointer(...) as
         ckpt:`` closes at the end of the block.
+
+        **Arguments:** none. **Returns:** ``None``.
 
         **Example:** `ckpt.close()`
         """
@@ -758,6 +772,8 @@ class Checkpointer:
 
     def list_available_checkpoints(self) -> dict[str, str]:
         """The committed checkpoints of this run.
+
+        **Arguments:** none.
 
         **Returns:** a dict mapping ``"latest"``, ``"best"``, one ``"step_<N>"`` per
         numbered checkpoint (ascending step) and any other ``suffix`` name to its path.

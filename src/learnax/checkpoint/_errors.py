@@ -6,7 +6,17 @@ Programming errors (a bad argument, an unsupported leaf) are ordinary ``TypeErro
 
 
 class CheckpointError(Exception):
-    """Base class of the errors about stored checkpoints."""
+    """Base class of the errors about stored checkpoints.
+
+    **Example:**
+
+    ```python
+    try:
+        restored = ckpt.load_checkpoint("best")
+    except CheckpointError as e:
+        print("cannot use the best checkpoint:", e)
+    ```
+    """
 
 
 class CheckpointCorruptedError(CheckpointError):
@@ -15,6 +25,15 @@ class CheckpointCorruptedError(CheckpointError):
 
     The message names the file. Earlier checkpoints are unaffected; ``load_latest()``
     skips a corrupted checkpoint and returns the next newest one.
+
+    **Example:**
+
+    ```python
+    try:
+        state = ckpt.load_checkpoint(1000)["state"]
+    except CheckpointCorruptedError as e:   # e.g. ".../data-...safetensors: checksum mismatch"
+        state = ckpt.load_latest()["state"]
+    ```
     """
 
 
@@ -22,6 +41,15 @@ class LegacyPickleError(CheckpointError):
     """A ``state_*.pyd`` pickle from the original learnax was found, and loading it was
     not allowed. Unpickling runs code from the file: pass ``allow_pickle=True`` only for
     files you trust.
+
+    **Example:**
+
+    ```python
+    try:
+        restored = ckpt.load_latest()
+    except LegacyPickleError:
+        restored = ckpt.load_latest(allow_pickle=True)  # only for files you trust
+    ```
     """
 
 
@@ -30,4 +58,15 @@ class CheckpointSaveError(CheckpointError):
 
     The failure is logged when it happens and raised from the next save,
     ``wait_until_finished()`` or ``close()``. Checkpoints committed before are intact.
+
+    **Example:**
+
+    ```python
+    ckpt = Checkpointer("runs", "mlp", async_save=True)
+    ckpt.save_checkpoint(state, step=100)   # returns at once
+    try:
+        ckpt.wait_until_finished()
+    except CheckpointSaveError as e:        # the background write failed; logged too
+        print(e)
+    ```
     """

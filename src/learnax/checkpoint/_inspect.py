@@ -26,7 +26,15 @@ _VERIFY_BATCH = 256 << 20
 
 @dataclass(frozen=True)
 class LeafInfo:
-    """One leaf of a stored tree, as the manifest describes it."""
+    """One leaf of a stored tree, as the manifest describes it.
+
+    **Arguments** (its fields): `path` (keys joined by "/"), `dtype` (a NumPy dtype
+    name, ``key<impl>`` for a PRNG key, or the kind of a Python leaf: ``int``,
+    ``float``, ``str``, ``callable``...), `shape`, `nbytes`, `value` (of a Python leaf),
+    `keys` (the path as a tuple of keys).
+
+    **Example:** `[(leaf.path, leaf.shape) for leaf in read_info(path).leaves]`
+    """
 
     path: str  # keys joined by "/", e.g. "params/Dense_0/kernel"
     dtype: str  # a NumPy dtype name, "key<impl>" for a PRNG key, or the Python type
@@ -38,7 +46,15 @@ class LeafInfo:
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """What a checkpoint holds, read from its manifest alone."""
+    """What a checkpoint holds, read from its manifest alone (see :func:`read_info`).
+
+    **Arguments** (its fields): `path`, `step`, `time` (seconds since the epoch),
+    `metrics`, `leaves` (a :class:`LeafInfo` per leaf, in tree order), `nbytes` (all
+    its files on storage), `best` (for ``state_best``: the metric, value and direction
+    that chose it), `files` (its data files with their sizes).
+
+    **Example:** `print(read_info("runs/mlp/checkpoints/state_best").best)`
+    """
 
     path: str
     step: int
@@ -290,6 +306,11 @@ def _read_and_drop(reader: _format.CheckpointReader, names: list[str]) -> None:
 def diff(a: str, b: str, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compare two checkpoints leaf by leaf (one leaf's arrays in memory at a time).
 
+    **Arguments:**
+
+    - `a`, `b`: the two checkpoint directories (local paths or URLs).
+    - `storage_options`: options for the fsspec filesystem of URLs.
+
     **Returns:** ``{"added": [paths only in b], "removed": [paths only in a],
     "changed": [{"path", "a", "b"}] (shape, dtype or kind differs), "different":
     [{"path", "max_abs", "max_rel"}] (same shape and dtype, other values; relative to
@@ -396,6 +417,14 @@ def prune(
     newest ``keep`` (multiples of ``keep_period`` are kept and not counted); latest,
     best and other names are never touched. Each deletion takes the run's lock, as a
     training run's retention does.
+
+    **Arguments:**
+
+    - `run`: the run, ``<registry>/<run_id>`` (a local path or a URL).
+    - `keep`: how many numbered checkpoints to keep (>= 1).
+    - `keep_period`: also keep, without counting them, steps that are multiples of it.
+    - `dry_run`: only say what would be deleted.
+    - `storage_options`: options for the fsspec filesystem of a URL.
 
     **Returns:** the paths deleted (with ``dry_run``: that would be deleted). Raises
     ``OSError`` naming those that could not be deleted.
