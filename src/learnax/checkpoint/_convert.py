@@ -223,17 +223,7 @@ def read_safetensors(storage: Any, path: str) -> dict[str, np.ndarray]:
     size = storage.size(path)
     f = storage.open_read(path)
     try:
-        prefix = np.empty(8, np.uint8)
-        _format.read_into(f, [prefix], 0, path)
-        length = int.from_bytes(prefix.tobytes(), "little")
-        if length > size - 8 or length > _format.MAX_HEADER:
-            raise CheckpointCorruptedError(f"{path}: header length {length} exceeds the file")
-        raw = np.empty(length, np.uint8)
-        _format.read_into(f, [raw], 8, path)
-        header = _format.parse_json(raw.tobytes(), f"{path}: invalid header")
-        if not isinstance(header, dict):
-            raise CheckpointCorruptedError(f"{path}: header is not an object")
-        _format.check_tiling(header, size - 8 - length, path)
+        data_start, header = _format.read_safetensors_header(f, size, path)
         out = {}
         for name, entry in header.items():
             if name == "__metadata__":
@@ -256,7 +246,7 @@ def read_safetensors(storage: Any, path: str) -> dict[str, np.ndarray]:
             if math.prod(shape) * dtype.itemsize != end - begin:  # Python ints: no overflow
                 raise CheckpointCorruptedError(f"{path}: tensor {name!r}: size does not match")
             out[name] = np.empty(shape, dtype)
-            _format.read_into(f, [out[name].reshape(-1).view(np.uint8)], 8 + length + begin, path)
+            _format.read_into(f, [out[name].reshape(-1).view(np.uint8)], data_start + begin, path)
         return out
     finally:
         f.close()

@@ -1000,23 +1000,33 @@ class CheckpointReader:
             )
         f = self.storage.open_read(path)
         try:
-            prefix = np.empty(8, np.uint8)
-            read_into(f, [prefix], 0, path)
-            length = int.from_bytes(prefix.tobytes(), "little")
-            if length > min(size - 8, MAX_HEADER):
-                raise CheckpointCorruptedError(f"{path}: header length {length} exceeds the file")
-            raw = np.empty(length, np.uint8)
-            read_into(f, [raw], 8, path)
+            self._headers[file] = read_safetensors_header(f, size, path, expected["header_crc32"])
         finally:
             f.close()
-        if f"{zlib.crc32(raw, zlib.crc32(prefix)):08x}" != expected["header_crc32"]:
-            raise CheckpointCorruptedError(f"{path}: header checksum mismatch, the file is damaged")
-        header = parse_json(raw.tobytes(), f"{path}: invalid header")
-        if not isinstance(header, dict):
-            raise CheckpointCorruptedError(f"{path}: header is not an object")
-        check_tiling(header, size - 8 - length, path)
-        self._headers[file] = (8 + length, header)
         return self._headers[file]
+
+
+def read_safetensors_header(
+    f: Any, size: int, path: str, header_crc32: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    """The header of the safetensors file ``f`` (``size`` bytes) and where its data
+    starts, checked: the length within the file and MAX_HEADER, the CRC32 of length
+    prefix and header when the manifest gives one (before any parsing), a JSON object
+    whose tensors tile the data section."""
+    prefix = np.empty(8, np.uint8)
+    read_into(f, [prefix], 0, path)
+    length = int.from_bytes(prefix.tobytes(), "little")
+    if length > min(size - 8, MAX_HEADER):
+        raise CheckpointCorruptedError(f"{path}: header length {length} exceeds the file")
+    raw = np.empty(length, np.uint8)
+    read_into(f, [raw], 8, path)
+    if header_crc32 is not None and f"{zlib.crc32(raw, zlib.crc32(prefix)):08x}" != header_crc32:
+        raise CheckpointCorruptedError(f"{path}: header checksum mismatch, the file is damaged")
+    header = parse_json(raw.tobytes(), f"{path}: invalid header")
+    if not isinstance(header, dict):
+        raise CheckpointCorruptedError(f"{path}: header is not an object")
+    check_tiling(header, size - 8 - length, path)
+    return 8 + length, header
 
 
 def _touched_blocks(
