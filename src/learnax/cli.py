@@ -272,22 +272,19 @@ def _checkpoint_row(storage: Any, path: str) -> dict[str, Any]:
 def _files_problem(storage: Any, path: str) -> str | None:
     """A data file missing, of the wrong size or with a damaged header (``ls`` reads
     headers, not data). A checkpoint replaced meanwhile by a live run is read again."""
-    problem = None
-    for _ in range(3):
-        manifest = _format.read_manifest(storage, path)
-        try:
-            _format.CheckpointReader(storage, path, manifest).check_files()
-            return None
-        except CheckpointCorruptedError as e:
-            problem = str(e)
-        if _format.read_manifest(storage, path) == manifest:
-            return problem
-    return problem
+    try:
+        _format.read_consistent(
+            storage, path, lambda m: _format.CheckpointReader(storage, path, m).check_files()
+        )
+    except CheckpointCorruptedError as e:
+        return str(e)
+    return None
 
 
 def _run_row(storage: Any, run: str) -> dict[str, Any]:
     steps, best = [], None
-    for path in _checkpoints_of(storage, run):
+    checkpoints = _checkpoints_of(storage, run)
+    for path in checkpoints:
         try:
             manifest = _format.read_manifest(storage, path)
         except (CheckpointCorruptedError, FileNotFoundError):
@@ -307,7 +304,7 @@ def _run_row(storage: Any, run: str) -> dict[str, Any]:
     return {
         "run": run.rstrip("/").rpartition("/")[2],
         "path": run,
-        "checkpoints": len(_checkpoints_of(storage, run)),
+        "checkpoints": len(checkpoints),
         "newest_step": max(steps, default=None),
         "best": best,
         "bytes": size,

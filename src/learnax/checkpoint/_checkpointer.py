@@ -935,21 +935,12 @@ class Checkpointer:
     def _load_dir(self, directory: str, target: Any) -> dict[str, Any] | None:
         # A concurrent save may replace the manifest and delete the data files between
         # our reads; then the new manifest is read again.
-        for attempt in range(3):
-            try:
-                manifest = _format.read_manifest(self._storage, directory)
-            except FileNotFoundError:
-                return None
-            try:
-                return self._read(directory, manifest, target)
-            except CheckpointCorruptedError:
-                try:
-                    changed = _format.read_manifest(self._storage, directory) != manifest
-                except (OSError, CheckpointCorruptedError):
-                    changed = False
-                if not changed or attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            return _format.read_consistent(
+                self._storage, directory, lambda manifest: self._read(directory, manifest, target)
+            )
+        except FileNotFoundError:
+            return None
 
     def _read(self, directory: str, manifest: dict[str, Any], target: Any) -> dict[str, Any]:
         reader = _format.CheckpointReader(self._storage, directory, manifest)

@@ -36,7 +36,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -72,6 +72,7 @@ MIN_FILE_BYTES = 64 << 20
 CRC_BLOCK = 1 << 20
 
 Storage = LocalStorage | FsspecStorage
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- write
@@ -600,6 +601,35 @@ def read_manifest(storage: LocalStorage, directory: str) -> dict[str, Any]:
     manifest = parse_json(body, f"{path}: invalid JSON")
     _validate_manifest(manifest, path)
     return manifest
+
+
+def read_consistent(storage: Storage, directory: str, work: Callable[[dict[str, Any]], T]) -> T:
+    """``work(manifest)`` on the committed manifest of the checkpoint in ``directory``.
+
+    A save that replaces the checkpoint meanwhile (a new manifest, then the old data
+    files removed) makes ``work`` fail on files that are gone: then it runs again on
+    the new manifest, up to three times. Raises ``FileNotFoundError`` when there is no
+    manifest (also when the checkpoint was deleted meanwhile), and what ``work`` raised
+    when the manifest did not change: a data file missing under an unchanged manifest
+    is damage (``CheckpointCorruptedError``).
+    """
+    for attempt in range(3):
+        manifest = read_manifest(storage, directory)
+        try:
+            return work(manifest)
+        except (CheckpointCorruptedError, FileNotFoundError) as e:
+            try:
+                changed = read_manifest(storage, directory) != manifest
+            except FileNotFoundError:
+                raise  # deleted meanwhile
+            except (OSError, CheckpointCorruptedError):
+                changed = False
+            if changed and attempt < 2:
+                continue
+            if isinstance(e, FileNotFoundError):
+                raise CheckpointCorruptedError(f"{directory}: {e}") from e
+            raise
+    raise AssertionError("unreachable")
 
 
 def parse_json(raw: bytes, what: str) -> Any:

@@ -242,26 +242,13 @@ def _verify_live(storage: Any, path: str) -> str | None:
     """The problem with a checkpoint, ``None`` when intact, ``"gone"`` when it was
     deleted meanwhile. A run still training may replace a checkpoint while it is read
     (its old files are removed after the new manifest): then it is read again."""
-    for _ in range(3):
-        try:
-            before = _format.read_manifest(storage, path)
-        except FileNotFoundError:
-            return "gone" if not storage.isdir(path) else "no manifest.json: not committed"
-        except CheckpointCorruptedError as e:
-            return str(e)
-        try:
-            verify_checkpoint(storage, path, before)
-            return None
-        except (CheckpointCorruptedError, FileNotFoundError) as e:
-            problem = str(e)
-        try:
-            if _format.read_manifest(storage, path) == before:
-                return problem
-        except FileNotFoundError:
-            return "gone"
-        except CheckpointCorruptedError as e:
-            return str(e)
-    return problem
+    try:
+        _format.read_consistent(storage, path, lambda m: verify_checkpoint(storage, path, m))
+    except FileNotFoundError:
+        return "gone" if not storage.isdir(path) else "no manifest.json: not committed"
+    except CheckpointCorruptedError as e:
+        return str(e)
+    return None
 
 
 def verify_checkpoint(storage: Any, path: str, manifest: dict[str, Any] | None = None) -> None:
