@@ -963,7 +963,7 @@ class CheckpointReader:
         """Where the stored tensor of ``shard`` starts in its file, and its checksum,
         after checking that it is what the manifest says."""
         file = shard["file"]
-        data_start, header = self._header(file)  # offsets checked there (_check_tiling)
+        data_start, header = self._header(file)  # offsets checked there (check_tiling)
         entry = header.get(shard["tensor"])
         code, st_shape = safetensors_layout(dtype, shape)
         nbytes = math.prod(shape) * dtype.itemsize
