@@ -1,0 +1,129 @@
+"""The save policy, as pure decisions without I/O: which checkpoints are due at a step,
+whether a metric value beats the best, which numbered checkpoints retention removes, and
+the checks of the arguments these decisions take. Everything here can be tested without
+a disk, and the Checkpointer, ``learnax prune`` and the tests share it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from ._format import python_scalar
+
+
+def is_due(step: int, every: int | None) -> bool:
+    """Whether ``step`` is due for a checkpoint kept every ``every`` steps (``None``:
+    never)."""
+    return bool(every) and step % every == 0
+
+
+def reports_metric(metrics: Mapping[str, Any] | None, metric_name: str) -> bool:
+    """Whether ``metrics`` holds a value of the metric that decides the best."""
+    return bool(metrics) and metric_name in metrics
+
+
+def initial_best(minimize: bool) -> float:
+    """The best value before any: the worst there is."""
+    return math.inf if minimize else -math.inf
+
+
+def is_better(value: float, best: float, minimize: bool) -> bool:
+    """Whether ``value`` is strictly better than ``best``; NaN never is."""
+    if math.isnan(value):
+        return False
+    return value < best if minimize else value > best
+
+
+def retention_victims(
+    steps: list[int], max_to_keep: int | None, keep_period: int | None
+) -> list[int]:
+    """The numbered steps that retention deletes: all but the newest ``max_to_keep``,
+    never a multiple of ``keep_period`` (those do not count toward ``max_to_keep``)."""
+    if max_to_keep is None:
+        return []
+    counted = sorted(s for s in steps if not (keep_period and s % keep_period == 0))
+    return counted[: max(len(counted) - max_to_keep, 0)]
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_interval(value: Any, name: str) -> int | None:
+    """An interval in steps: a positive int, or ``None`` for never (0 too)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int or None, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0 (0 or None: never), got {value}")
+    return int(value) or None
+
+
+def check_max_to_keep(value: Any) -> int | None:
+    """How many numbered checkpoints to keep: an int >= 1, or ``None`` for all (inf too)."""
+    if value is None or value == math.inf:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"max_to_keep must be a positive int, None or inf, got {value!r}")
+    if value < 1:
+        raise ValueError(
+            f"max_to_keep must be >= 1 (None or inf: keep all), got {value}; to save no "
+            "numbered checkpoints, pass checkpoint_every=None"
+        )
+    return int(value)
+
+
+def check_timeout(value: Any, name: str) -> float:
+    """A number of seconds, > 0 and finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"{name} must be > 0 and finite, got {value}")
+    return float(value)
+
+
+def as_step(step: Any) -> int:
+    """A step as a Python int >= 0: from an int, a NumPy integer or an integer 0-d
+    (jax or NumPy) array; anything else is a ``TypeError``."""
+    if type(step) is int:  # the per-step fast path
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        return step
+    if isinstance(step, (bool, np.bool_)) or not (
+        isinstance(step, (int, np.integer))
+        or (
+            isinstance(step, (np.ndarray, jax.Array))
+            and step.shape == ()
+            and np.issubdtype(step.dtype, np.integer)
+        )
+    ):
+        raise TypeError(f"step must be an integer, got {step!r}")
+    return as_step(int(step))
+
+
+def step_of(train_state: Any, step: Any) -> int:
+    """``step``, or when it is ``None`` the state's own ``step`` field (an attribute, or
+    a key of a dict state)."""
+    if step is None:
+        step = getattr(train_state, "step", None)
+        if step is None and isinstance(train_state, dict):
+            step = train_state.get("step")
+        if step is None:
+            raise ValueError("No step given and the train state has no 'step' field; pass step=.")
+    return as_step(step)
+
+
+def metric_float(value: Any, name: str) -> float:
+    """A metric value as a float to compare, else a ``TypeError`` naming the metric."""
+    value = python_scalar(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            pass
+    raise TypeError(f"Metric {name!r} must be a real scalar number to compare, got {value!r:.80}")

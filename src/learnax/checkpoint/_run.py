@@ -1,0 +1,340 @@
+"""What a run directory is: the one place that knows how checkpoints are named, listed,
+found, deleted and cleaned up, and how ``state_best`` records the metric that chose it.
+
+A registry holds runs; a run ``<registry>/<run_id>`` holds ``checkpoints/``, and that
+directory holds one directory per checkpoint, ``state_<key>``: ``state_latest``,
+``state_best``, ``state_<step>`` (numbered) or ``state_<suffix>``. A checkpoint is
+committed when its ``manifest.json`` exists. The Checkpointer, inspection and the
+command line all go through this module, so they agree on every one of these facts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import _legacy, _tree
+from ._errors import CheckpointCorruptedError
+from ._format import MANIFEST, read_manifest
+
+if TYPE_CHECKING:
+    from ._storage import Storage
+
+logger = logging.getLogger("learnax")
+
+PREFIX = "state_"
+LATEST = "latest"
+BEST = "best"
+CHECKPOINTS = "checkpoints"
+# The key of a numbered checkpoint in list_available_checkpoints(): "step_<N>".
+STEP_KEY = "step_"
+_SAFE_KEY = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+
+
+# --------------------------------------------------------------------------- names
+
+
+def checkpoint_name(key: str | int) -> str:
+    """The directory name of a checkpoint: ``state_latest``, ``state_1000``..."""
+    return f"{PREFIX}{key}"
+
+
+def checkpoint_key(entry: str) -> str | None:
+    """The key of a directory entry named like a checkpoint (``state_1000`` -> ``"1000"``),
+    or ``None`` when the entry is not named like one."""
+    if not entry.startswith(PREFIX):
+        return None
+    key = entry[len(PREFIX) :]
+    return key if _SAFE_KEY.match(key) and ".." not in key else None
+
+
+def numbered_step(key: str) -> int | None:
+    """The step of a numbered checkpoint's key (``"1000"``), ``None`` for any other key;
+    only the canonical spelling counts (``"007"`` is not step 7)."""
+    if key.isascii() and key.isdigit() and (key == "0" or not key.startswith("0")):
+        return int(key)
+    return None
+
+
+def check_suffix(suffix: Any, *, saving: bool = False) -> str:
+    """``suffix`` if it is a safe checkpoint key, else ``ValueError``. A save may not take
+    a key that would pass for a numbered checkpoint."""
+    if not isinstance(suffix, str) or not _SAFE_KEY.match(suffix) or ".." in suffix:
+        raise ValueError(
+            f"Checkpoint name {suffix!r} is not safe: use letters, digits, '_', '-' and '.' "
+            "(not starting with '.', no '..', at most 128 characters)"
+        )
+    if saving and (suffix.isdigit() or suffix.startswith(STEP_KEY)):
+        raise ValueError(
+            f"Suffix {suffix!r} would pass for a numbered checkpoint: to save one, pass "
+            "step= without a suffix."
+        )
+    return suffix
+
+
+def check_run_id(run_id: Any) -> str:
+    """``run_id`` if it is one path component, else ``ValueError``."""
+    if (
+        not isinstance(run_id, str)
+        or run_id in ("", ".", "..")
+        or any(c in run_id for c in "/\\\0")
+    ):
+        raise ValueError(
+            f"run_id must be one path component (no '/', '\\', not '.' or '..'), got {run_id!r}"
+        )
+    return run_id
+
+
+def key_of_name(text: str) -> str:
+    """The checkpoint key a user means by ``text``: ``"latest"``, ``"state_best"``,
+    ``"1000"``, ``"step_1000"`` (a key of list_available_checkpoints) or a legacy file
+    name ``"state_1000.pyd"``. Raises ``ValueError`` for an unsafe name."""
+    if text.endswith(_legacy.SUFFIX):
+        text = text[: -len(_legacy.SUFFIX)]
+    key = text.removeprefix(PREFIX)
+    if key.startswith(STEP_KEY) and key[len(STEP_KEY) :].isdigit():
+        key = key[len(STEP_KEY) :]
+    return check_suffix(key)
+
+
+# --------------------------------------------------------------------------- best record
+
+
+@dataclass(frozen=True)
+class BestRecord:
+    """How ``state_best`` was chosen: by which metric, its value, and its direction."""
+
+    metric: str
+    value: float
+    minimize: bool
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The entry a best checkpoint's manifest carries (under ``"best"``)."""
+        value = _tree.encode_float(self.value)
+        return {"best": {"metric": self.metric, "value": value, "minimize": self.minimize}}
+
+    @classmethod
+    def of_manifest(
+        cls,
+        manifest: Mapping[str, Any],
+        *,
+        metric_name: str | None = None,
+        minimize: bool = True,
+    ) -> BestRecord | None:
+        """The record in a best checkpoint's manifest; ``None`` when it has none or an
+        unreadable one. A best saved by hand (``save_checkpoint(is_best=True)``) has no
+        record: given ``metric_name``, its metrics' value of it stands in."""
+        record = manifest.get("best")
+        if not isinstance(record, dict):
+            metrics = manifest.get("metrics")
+            if metric_name is None or not isinstance(metrics, dict) or metric_name not in metrics:
+                return None
+            record = {"metric": metric_name, "value": metrics[metric_name], "minimize": minimize}
+        metric, direction = record.get("metric"), record.get("minimize")
+        if not isinstance(metric, str) or not isinstance(direction, bool):
+            return None
+        try:
+            value = _tree.decode_float(record.get("value"), "best metric")
+        except ValueError:
+            return None
+        return cls(metric, value, direction)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def checkpoints_dir(storage: Storage, run: str) -> str:
+    """The ``checkpoints`` directory of a run given as ``<registry>/<run_id>`` or as that
+    directory itself."""
+    if run.rstrip("/").rpartition("/")[2] == CHECKPOINTS:
+        return run.rstrip("/")
+    return storage.join(run, CHECKPOINTS)
+
+
+def run_dirs(storage: Storage, registry: str) -> list[str]:
+    """The runs of a registry: its subdirectories that hold a ``checkpoints`` directory."""
+    return [
+        storage.join(registry, e)
+        for e in sorted(storage.listdir(registry))
+        if storage.isdir(storage.join(registry, e, CHECKPOINTS))
+    ]
+
+
+def path_kind(storage: Storage, path: str) -> str:
+    """``"checkpoint"``, ``"run"`` or ``"registry"``: what ``path`` points at.
+    Raises ``FileNotFoundError`` when nothing is there."""
+    parent, _, name = path.rstrip("/").rpartition("/")
+    if storage.isfile(storage.join(path, MANIFEST)):
+        return "checkpoint"
+    if not storage.isdir(path):
+        if storage.isfile(path):
+            raise FileNotFoundError(f"{path} is a file, not a checkpoint, run or registry")
+        raise FileNotFoundError(f"No such checkpoint, run or registry: {path}")
+    # A run may well be called "state_space": its checkpoints directory decides.
+    if name == CHECKPOINTS or storage.isdir(storage.join(path, CHECKPOINTS)):
+        return "run"
+    if name.startswith(PREFIX) and parent.rpartition("/")[2] == CHECKPOINTS:
+        return "checkpoint"  # one without a manifest: reading it says so
+    return "registry"
+
+
+# --------------------------------------------------------------------------- one run
+
+
+class RunDirectory:
+    """The ``checkpoints`` directory of one run on one storage."""
+
+    def __init__(self, storage: Storage, path: str) -> None:
+        self.storage = storage
+        self.path = path
+
+    def join(self, name: str) -> str:
+        """The path of entry ``name`` (a checkpoint directory name)."""
+        return self.storage.join(self.path, name)
+
+    def is_committed(self, name: str) -> bool:
+        return self.storage.isfile(self.storage.join(self.path, name, MANIFEST))
+
+    def read_manifest(self, name: str) -> dict[str, Any]:
+        """The verified manifest of checkpoint ``name`` (``FileNotFoundError`` when it is
+        not committed, ``CheckpointCorruptedError`` when damaged)."""
+        return read_manifest(self.storage, self.join(name))
+
+    def names(self) -> list[str]:
+        """The committed checkpoints (intact or not), in the order people read them:
+        latest, best, the numbered ones by step, then any other key by name."""
+        keys = [
+            key
+            for key in map(checkpoint_key, self.storage.listdir(self.path))
+            if key is not None and self.is_committed(checkpoint_name(key))
+        ]
+        fixed = [k for k in (LATEST, BEST) if k in keys]
+        numbered = sorted((k for k in keys if numbered_step(k) is not None), key=int)
+        others = sorted(k for k in keys if k not in fixed and numbered_step(k) is None)
+        return [checkpoint_name(k) for k in (*fixed, *numbered, *others)]
+
+    def numbered_steps(self) -> list[int]:
+        """The steps of the committed numbered checkpoints, ascending."""
+        steps = (numbered_step(name[len(PREFIX) :]) for name in self.names())
+        return [s for s in steps if s is not None]
+
+    def available(self) -> dict[str, str]:
+        """``list_available_checkpoints()``: ``"latest"``, ``"best"``, ``"step_<N>"`` per
+        numbered checkpoint (ascending) and any other key, each mapped to its path."""
+        found = {}
+        for name in self.names():
+            key = name[len(PREFIX) :]
+            found[key if numbered_step(key) is None else STEP_KEY + key] = self.join(name)
+        return found
+
+    def newest_first(self) -> list[str]:
+        """``state_latest`` and the numbered checkpoints, by step, newest first; on equal
+        steps ``state_latest`` first. A latest whose manifest cannot be read comes first,
+        so that loading it reports the damage."""
+        candidates = [(float(s), 0, checkpoint_name(s)) for s in self.numbered_steps()]
+        latest = checkpoint_name(LATEST)
+        if self.is_committed(latest):
+            try:
+                step = float(self.read_manifest(latest)["step"])
+            except CheckpointCorruptedError:
+                step = math.inf
+            candidates.append((step, 1, latest))
+        return [name for *_, name in sorted(candidates, reverse=True)]
+
+    def find_step(self, step: int) -> str | None:
+        """The path of the committed checkpoint of ``step``: the numbered one, else
+        latest or best when their manifest says that step."""
+        if self.is_committed(checkpoint_name(step)):
+            return self.join(checkpoint_name(step))
+        for name in (checkpoint_name(LATEST), checkpoint_name(BEST)):
+            try:
+                if self.is_committed(name) and self.read_manifest(name)["step"] == step:
+                    return self.join(name)
+            except CheckpointCorruptedError:  # not this one, whatever its step was
+                continue
+        return None
+
+    def legacy_files(self) -> list[str]:
+        """The original learnax's pickle checkpoints here (``state_<name>.pyd``)."""
+        return [
+            e
+            for e in self.storage.listdir(self.path)
+            if e.startswith(PREFIX) and e.endswith(_legacy.SUFFIX)
+        ]
+
+    def best_record(self, metric_name: str, minimize: bool) -> BestRecord | None:
+        """The record of ``state_best``; ``None`` when there is none or it cannot be read
+        (logged)."""
+        name = checkpoint_name(BEST)
+        if not self.is_committed(name):
+            return None
+        try:
+            manifest = self.read_manifest(name)
+        except CheckpointCorruptedError as e:
+            logger.warning("Cannot read the best metric of this run: %s", e)
+            return None
+        record = BestRecord.of_manifest(manifest, metric_name=metric_name, minimize=minimize)
+        if record is None and "best" in manifest:
+            logger.warning("The best checkpoint of this run has an unreadable metric value")
+        return record
+
+    def delete(self, name: str) -> bool:
+        """Delete checkpoint ``name`` under the run's lock; ``False`` (logged) when it
+        failed. Removing the manifest first makes the deletion atomic for readers: a
+        crash halfway leaves a directory without manifest, a leftover, never a
+        checkpoint with missing files."""
+        directory = self.join(name)
+        try:
+            with self.storage.lock(self.path):
+                self.storage.remove(self.storage.join(directory, MANIFEST))
+                self.storage.fsync_dir(directory)
+                self.storage.rmtree(directory)
+        except OSError as e:
+            logger.warning("Could not delete old checkpoint %s: %s", directory, e)
+            return False
+        logger.debug("Deleted old checkpoint %s", directory)
+        return True
+
+    def clean_leftovers(self) -> None:
+        """Remove what interrupted saves and deletions left behind: directories without
+        a manifest, data files no manifest refers to, temporary manifests. Skipped while
+        another process is saving to this run (it holds the lock)."""
+        with self.storage.lock(self.path, blocking=False) as locked:
+            if not locked:
+                return
+            for entry in self.storage.listdir(self.path):
+                directory = self.join(entry)
+                if not entry.startswith(PREFIX) or not self.storage.isdir(directory):
+                    continue
+                try:
+                    self._clean_checkpoint_dir(entry, directory)
+                except OSError as e:
+                    logger.warning("Could not clean up leftovers in %s: %s", directory, e)
+
+    def _clean_checkpoint_dir(self, entry: str, directory: str) -> None:
+        storage = self.storage
+        if not self.is_committed(entry):
+            if storage.unused(directory):
+                logger.info(
+                    "Removing incomplete checkpoint %s (an interrupted save or deletion)",
+                    directory,
+                )
+                storage.rmtree(directory)
+            return
+        try:
+            keep = set(self.read_manifest(entry)["files"])
+        except CheckpointCorruptedError:
+            # Damaged: keep its files for inspection; load_latest skips it.
+            keep = {f for f in storage.listdir(directory) if not f.endswith(".tmp")}
+        for name in storage.listdir(directory):
+            path = storage.join(directory, name)
+            if name != MANIFEST and name not in keep and storage.unused(path):
+                logger.info("Removing leftover file %s", path)
+                storage.remove(path)
+
+    def __repr__(self) -> str:
+        return f"RunDirectory({self.path!r})"
