@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -99,11 +100,11 @@ def test_without_sigterm_reached_preemption_stays_false(registry, sigterm_watch)
 @pytest.fixture
 def sigterm_watch(monkeypatch):
     """A fresh preemption flag, and the test process's SIGTERM handler put back after."""
-    from learnax.checkpoint import _checkpointer
+    from learnax.checkpoint import _preemption
 
     previous = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(_checkpointer, "_SIGTERM_RECEIVED", _checkpointer.threading.Event())
-    monkeypatch.setattr(_checkpointer, "_SIGTERM_WATCHED", False)
+    monkeypatch.setattr(_preemption, "_SIGTERM_RECEIVED", threading.Event())
+    monkeypatch.setattr(_preemption, "_SIGTERM_WATCHED", False)
     yield
     signal.signal(signal.SIGTERM, previous)
 

@@ -8,15 +8,15 @@ read when the caller passes ``allow_pickle=True``.
 from __future__ import annotations
 
 import logging
-import math
 import pickle
 from typing import Any
 
 from ._errors import CheckpointCorruptedError, LegacyPickleError
+from ._run import BEST, LATEST, LEGACY_SUFFIX, checkpoint_name, legacy_step
 
 logger = logging.getLogger("learnax")
 
-SUFFIX = ".pyd"
+SUFFIX = LEGACY_SUFFIX
 
 
 def load_legacy(storage: Any, path: str, allow_pickle: bool) -> dict[str, Any]:
@@ -55,8 +55,26 @@ def load_legacy(storage: Any, path: str, allow_pickle: bool) -> dict[str, Any]:
     }
 
 
-def legacy_step(name: str) -> float:
-    """The step a legacy file name stands for (``state_1000.pyd`` -> 1000); -inf when
-    the name carries none (``state_latest.pyd``)."""
-    stem = name[len("state_") : -len(SUFFIX)]
-    return float(stem) if stem.isdigit() else -math.inf
+def load_newest_legacy(
+    storage: Any, directory: str, entries: list[str], allow_pickle: bool
+) -> dict[str, Any] | None:
+    """The newest of the legacy pickle files ``entries`` of a run's ``directory`` (what
+    ``load_latest`` falls back to); ``None`` when there are none. Unpickles as little as
+    possible: the highest numbered file, and latest (whose step only the file itself
+    knows). Without ``allow_pickle``: :class:`LegacyPickleError` naming them."""
+    entries = [e for e in entries if e != checkpoint_name(BEST) + SUFFIX]
+    if not entries:
+        return None
+    if not allow_pickle:
+        raise LegacyPickleError(
+            f"{directory} holds only pickle checkpoints of the original learnax "
+            f"({', '.join(sorted(entries))}). Loading them would run code from the files; "
+            "if you trust them, pass allow_pickle=True."
+        )
+    numbered = max((e for e in entries if legacy_step(e) >= 0), key=legacy_step, default=None)
+    latest = checkpoint_name(LATEST) + SUFFIX
+    chosen = [e for e in (numbered, latest) if e is not None and e in entries]
+    if not chosen:  # only other suffixes
+        chosen = sorted(entries)[-1:]
+    loaded = [load_legacy(storage, storage.join(directory, e), True) for e in chosen]
+    return max(loaded, key=lambda c: -1 if c["step"] is None else c["step"])

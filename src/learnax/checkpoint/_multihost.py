@@ -1,10 +1,12 @@
-"""Agreement between the processes of a multi-controller JAX run.
+"""Multi-host saves: agreement between the processes of a multi-controller JAX run, and
+the whole protocol of committing one checkpoint that every process wrote a part of.
 
 In a multi-host run every process calls the Checkpointer the same way; each writes its
-own part of a checkpoint and process 0 commits it once every part is durable. The
+own part of a checkpoint and process 0 commits it once every part is durable
+(:func:`save_multihost`, the counterpart of ``_write.write_checkpoint``). The
 processes agree through JAX's own distributed runtime (the coordination service's
 key-value store that ``jax.distributed.initialize`` starts), so learnax
-adds no service of its own. Keys are numbered in call order, which is the same on
+adds no service of its own. Keys are named after the call they serve, which is the same on
 every process because the calls are.
 
 Waiting on another process is bounded: a process that died (or never makes the call)
@@ -19,12 +21,23 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import logging
+import math
+import secrets
 import threading
 import time
 import zlib
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import jax
+
+from . import _format, _tree
+
+if TYPE_CHECKING:
+    from ._run import RunDirectory
+
+logger = logging.getLogger("learnax")
 
 # Values larger than this go to the key-value store in pieces (gRPC messages are
 # limited to a few MB).
@@ -185,3 +198,129 @@ class Coordinator:
                 f"not make the same call?): {e}"
             ) from None
         return first + "".join(rest)
+
+
+def agreed_float(coord: Coordinator | None, value: float, call: str, what: str) -> float:
+    """On multi-host runs, process 0's ``value``, so that every process makes the same
+    decision on it (and so the same calls); NaN when the processes cannot agree in
+    time, which is never a better metric."""
+    if coord is None:
+        return value
+    try:
+        agreed = coord.broadcast(coord.new_key(call), _tree.encode_float(value))
+    except PeerError as e:
+        logger.error("Cannot agree on %s: %s", what, e)
+        return math.nan
+    return _tree.decode_float(agreed, f"{what} of process 0")
+
+
+def save_multihost(
+    coord: Coordinator,
+    run: RunDirectory,
+    name: str,
+    step: int,
+    *,
+    tree: Any,
+    leaves: list[Any],
+    metrics: dict[str, Any],
+    extra: dict[str, Any] | None,
+    exchange: str,
+    after_commit: Callable[[], None],
+) -> None:
+    """Save checkpoint ``name`` of ``run`` across the processes: every process writes
+    its shards to its own data files; process 0 gathers the parts, commits the
+    manifest, runs ``after_commit`` (while the others still wait), then tells them the
+    outcome. Raises ``OSError`` on every process when any part failed
+    (``VisibleNotDurableError`` when the checkpoint is committed but its durability is
+    unconfirmed)."""
+    directory = run.join(name)
+    if not coord.leader:
+        part = _write_own_part(coord, run, name, step, leaves, exchange)
+        outcome = coord.wait_outcome(exchange)
+        if "error" in outcome:
+            if isinstance(part, _format.Part) and not outcome.get("visible"):
+                _format.remove_files(run.storage, directory, part.files)
+            error = _format.VisibleNotDurableError if outcome.get("visible") else PeerError
+            raise error(outcome["error"])
+        return
+    outcome: dict[str, Any] = {"error": "process 0 failed (see its log)"}
+    part = None
+    try:
+        # The run's lock (local disks) from before process 0 writes until the commit,
+        # so that no other job's start-up cleanup takes the new files.
+        with run.storage.lock(run.path):
+            part = _write_own_part(coord, run, name, step, leaves, exchange)
+            if isinstance(part, str):
+                raise PeerError(json.loads(part)["error"])
+            mine = json.dumps({"name": name, "step": step, "part": part.to_json()})
+            received = [json.loads(v) for v in coord.gather(exchange, mine)]
+            merged = _checked_parts(run, name, step, leaves, received)
+            body = _format.manifest_body(tree, merged, step, metrics, extra)
+            coord.check_not_abandoned(exchange)
+            _format.commit(run.storage, directory, _format.manifest_bytes(body), set(merged.files))
+        outcome = {}
+        after_commit()  # now no process of this job writes: the others wait for the outcome
+    except _format.VisibleNotDurableError as e:
+        outcome = {"error": f"process 0: {e}", "visible": True}
+        raise
+    except BaseException as e:
+        if outcome:  # not committed
+            outcome = {"error": f"process 0: {e}"}
+            if isinstance(part, _format.Part):
+                _format.remove_files(run.storage, directory, part.files)
+        raise
+    finally:
+        coord.publish_outcome(exchange, outcome)
+
+
+def _write_own_part(
+    coord: Coordinator, run: RunDirectory, name: str, step: int, leaves: list[Any], exchange: str
+) -> _format.Part | str:
+    """This process's data files; on process 1+ also sent to process 0. Returns the
+    part, or on an I/O failure the message sent instead."""
+    directory = run.join(name)
+    try:
+        run.storage.makedirs(directory)
+        tensors = _format.tensors_of_process(leaves, coord.process)
+        prefix = f"{secrets.token_hex(8)}-p{coord.process}"
+        part: _format.Part | str = _format.write_part(run.storage, directory, tensors, prefix)
+        message = json.dumps({"name": name, "step": step, "part": part.to_json()})
+    except OSError as e:
+        part = message = json.dumps({"error": f"process {coord.process}: {e}"})
+    if not coord.leader:
+        coord.send(exchange, message)
+    return part
+
+
+def _checked_parts(
+    run: RunDirectory, name: str, step: int, leaves: list[Any], received: list[dict[str, Any]]
+) -> _format.Part:
+    """On process 0: every process's part, checked to be of the same save and merged
+    into one. Raises ``PeerError`` for a bad or missing part."""
+    errors = [r["error"] for r in received if "error" in r]
+    if errors:
+        raise PeerError("; ".join(errors))
+    for process, r in enumerate(received):
+        if (r["name"], r["step"]) != (name, step):
+            raise PeerError(
+                f"process {process} saved {r['name']} at step {r['step']} while "
+                f"process 0 saved {name} at step {step}: every process must "
+                "make the same calls"
+            )
+    directory = run.join(name)
+    try:
+        parts = [_format.Part.from_json(r["part"]) for r in received]
+        merged = _format.merge_parts(parts, leaves, directory)
+    except ValueError as e:
+        raise PeerError(str(e)) from None
+    for file, info in merged.files.items():
+        # Every file must be there: a run directory on each host's own disk, or
+        # another job's cleanup, would otherwise commit a checkpoint with holes.
+        path = run.storage.join(directory, file)
+        if not (run.storage.isfile(path) and run.storage.size(path) == info["bytes"]):
+            raise PeerError(
+                f"process {info['process']}'s data file {path} is not visible to "
+                "process 0: on a multi-host run the registry must be storage that "
+                "every host shares (an object store or a shared filesystem)"
+            )
+    return merged

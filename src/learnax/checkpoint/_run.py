@@ -17,9 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import _legacy, _tree
+from . import _tree
 from ._errors import CheckpointCorruptedError
 from ._format import MANIFEST, read_manifest
+from ._policy import retention_victims
 
 if TYPE_CHECKING:
     from ._storage import Storage
@@ -32,6 +33,8 @@ BEST = "best"
 CHECKPOINTS = "checkpoints"
 # The key of a numbered checkpoint in list_available_checkpoints(): "step_<N>".
 STEP_KEY = "step_"
+# The original learnax's pickle checkpoints: state_<name>.pyd files beside ours.
+LEGACY_SUFFIX = ".pyd"
 _SAFE_KEY = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 
 
@@ -93,12 +96,19 @@ def key_of_name(text: str) -> str:
     """The checkpoint key a user means by ``text``: ``"latest"``, ``"state_best"``,
     ``"1000"``, ``"step_1000"`` (a key of list_available_checkpoints) or a legacy file
     name ``"state_1000.pyd"``. Raises ``ValueError`` for an unsafe name."""
-    if text.endswith(_legacy.SUFFIX):
-        text = text[: -len(_legacy.SUFFIX)]
+    if text.endswith(LEGACY_SUFFIX):
+        text = text[: -len(LEGACY_SUFFIX)]
     key = text.removeprefix(PREFIX)
     if key.startswith(STEP_KEY) and key[len(STEP_KEY) :].isdigit():
         key = key[len(STEP_KEY) :]
     return check_suffix(key)
+
+
+def legacy_step(entry: str) -> float:
+    """The step a legacy file name stands for (``state_1000.pyd`` -> 1000); -inf when
+    the name carries none (``state_latest.pyd``)."""
+    stem = entry[len(PREFIX) : -len(LEGACY_SUFFIX)]
+    return float(stem) if stem.isdigit() else -math.inf
 
 
 # --------------------------------------------------------------------------- best record
@@ -263,7 +273,7 @@ class RunDirectory:
         return [
             e
             for e in self.storage.listdir(self.path)
-            if e.startswith(PREFIX) and e.endswith(_legacy.SUFFIX)
+            if e.startswith(PREFIX) and e.endswith(LEGACY_SUFFIX)
         ]
 
     def best_record(self, metric_name: str, minimize: bool) -> BestRecord | None:
@@ -281,6 +291,20 @@ class RunDirectory:
         if record is None and "best" in manifest:
             logger.warning("The best checkpoint of this run has an unreadable metric value")
         return record
+
+    def apply_retention(self, max_to_keep: int | None, keep_period: int | None) -> None:
+        """Delete the numbered checkpoints beyond the newest ``max_to_keep`` (multiples of
+        ``keep_period`` kept, uncounted). Runs after a commit, so a failure here is
+        logged, never a failed save."""
+        if max_to_keep is None:
+            return
+        try:
+            steps = self.numbered_steps()
+        except OSError as e:
+            logger.warning("Could not list %s to apply retention: %s", self.path, e)
+            return
+        for step in retention_victims(steps, max_to_keep, keep_period):
+            self.delete(checkpoint_name(step))
 
     def delete(self, name: str) -> bool:
         """Delete checkpoint ``name`` under the run's lock; ``False`` (logged) when it

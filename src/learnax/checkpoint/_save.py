@@ -1,0 +1,140 @@
+"""Saving one snapshot of a train state as the checkpoints due at its step (latest,
+numbered, best), each committed whole on its own, and what follows each commit: the new
+best value, and retention after a numbered checkpoint.
+
+A failed write is an ``OSError`` here, turned into a ``None`` result and a log line: a
+save never fails the training loop for I/O, and every checkpoint committed before stays
+as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import _format
+from ._errors import CheckpointSaveError
+from ._multihost import Coordinator, save_multihost
+from ._run import RunDirectory
+
+logger = logging.getLogger("learnax")
+
+
+@dataclass
+class PlannedWrite:
+    """One checkpoint to write from a snapshot, and what to do once it is committed."""
+
+    key: str  # the key of maybe_save_checkpoints' result: "latest", "numbered", "best"
+    name: str  # the directory, "state_<...>"
+    metrics: dict[str, Any]  # already encoded for JSON
+    extra: dict[str, Any] | None = None  # more manifest fields (the best record)
+    best_value: float | None = None  # becomes best_metric_value once committed
+    retention: bool = False  # a numbered checkpoint: prune the old ones after it
+    error: BaseException | None = None
+    exchange: str = ""  # multi-host: the key under which the processes agree on it
+
+
+class Saver:
+    """Writes planned checkpoints of one run, on one process or across all of a
+    multi-host run, and reports each commit: ``on_best(value)`` when a best checkpoint
+    is committed, ``retain()`` after a numbered one (on process 0 only)."""
+
+    def __init__(
+        self,
+        run: RunDirectory,
+        coord: Coordinator | None,
+        *,
+        on_best: Callable[[float], None],
+        retain: Callable[[], None],
+    ) -> None:
+        self.run = run
+        self.coord = coord
+        self._on_best = on_best
+        self._retain = retain
+        # Multi-host: the other processes may be writing their part of a first save
+        # already, so process 0 cleans up after its first commit instead of at start.
+        self._cleaned = coord is None
+
+    def write(self, write: PlannedWrite, tree: Any, leaves: list[Any], step: int) -> str | None:
+        """Write and commit one checkpoint; on an I/O failure log it and return None."""
+        directory = self.run.join(write.name)
+        try:
+            self._commit(write, tree, leaves, step)
+        except OSError as e:
+            logger.error(
+                "Saving checkpoint %s (step %d) failed: %s. Earlier checkpoints are intact.",
+                directory,
+                step,
+                e,
+            )
+            write.error = e
+            if isinstance(e, _format.VisibleNotDurableError) and write.best_value is not None:
+                # state_best is the new one now: never let a worse value replace it.
+                self._on_best(write.best_value)
+            return None
+        logger.debug("Saved checkpoint %s (step %d)", directory, step)
+        if write.best_value is not None:
+            self._on_best(write.best_value)
+        if write.retention and (self.coord is None or self.coord.leader):
+            self._retain()
+        return directory
+
+    def _commit(self, write: PlannedWrite, tree: Any, leaves: list[Any], step: int) -> None:
+        if self.coord is not None:
+            save_multihost(
+                self.coord,
+                self.run,
+                write.name,
+                step,
+                tree=tree,
+                leaves=leaves,
+                metrics=write.metrics,
+                extra=write.extra,
+                exchange=write.exchange,
+                after_commit=self._clean_once,
+            )
+            return
+        with self.run.storage.lock(self.run.path):
+            _format.write_checkpoint(
+                self.run.storage,
+                self.run.join(write.name),
+                tree=tree,
+                leaves=leaves,
+                step=step,
+                metrics=write.metrics,
+                extra=write.extra,
+            )
+
+    def _clean_once(self) -> None:
+        if not self._cleaned:
+            self.run.clean_leftovers()
+            self._cleaned = True
+
+    def write_all(
+        self, tree: Any, leaves: list[Any], step: int, writes: list[PlannedWrite]
+    ) -> dict[str, str | None]:
+        """Each of ``writes`` in turn; the path of each by its key (``None``: failed)."""
+        return {w.key: self.write(w, tree, leaves, step) for w in writes}
+
+    def write_in_background(
+        self, tree: Any, leaves: list[Any], step: int, writes: list[PlannedWrite]
+    ) -> None:
+        """Each of ``writes`` in turn, on the worker thread: raises
+        :class:`CheckpointSaveError` naming those that failed."""
+        failed = []
+        for write in writes:
+            try:
+                if self.write(write, tree, leaves, step) is None:
+                    failed.append(write)
+            except BaseException as e:  # a bug, not I/O: still reported to the caller
+                logger.exception("Background save of %s failed", write.name)
+                write.error = e
+                failed.append(write)
+        if failed:
+            names = ", ".join(w.name for w in failed)
+            raise CheckpointSaveError(
+                f"Background save of {names} (step {step}) in {self.run.path} failed: "
+                f"{failed[0].error}. Earlier checkpoints are intact."
+            ) from failed[0].error
