@@ -50,7 +50,7 @@ from moto_server import MotoServer, TcpProxy
 
 import learnax
 from learnax.checkpoint import CheckpointCorruptedError, Checkpointer
-from learnax.checkpoint import _storage as learnax_storage
+from learnax.checkpoint._storage import fsspec as learnax_fsspec_storage
 
 fsspec = pytest.importorskip("fsspec")
 s3fs = pytest.importorskip("s3fs")
@@ -303,7 +303,7 @@ def test_list_on_s3_gives_s3_urls_of_latest_best_and_numbered(bucket):
 def no_grace(monkeypatch):
     """Leftovers count as old at once (on object stores the start-up cleanup spares
     those younger than an hour, which may be another job's save in progress)."""
-    monkeypatch.setattr(learnax_storage, "LEFTOVER_GRACE_S", 0.0)
+    monkeypatch.setattr(learnax_fsspec_storage, "LEFTOVER_GRACE_S", 0.0)
 
 
 def test_uncommitted_prefix_on_s3_is_not_listed_and_a_new_checkpointer_removes_it(bucket, no_grace):

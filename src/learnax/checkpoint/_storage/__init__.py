@@ -1,0 +1,52 @@
+"""Storage: durable writes, the atomic commit step, ranged reads, listing and locking.
+
+Everything the checkpoint format needs from storage goes through the few operations of
+the :class:`~.base.Storage` protocol, which two back-ends implement:
+:class:`LocalStorage` for local (or locally mounted) filesystems, the fast path, and
+:class:`FsspecStorage` for any other fsspec URL (``s3://``, ``gs://``, ``memory://``...).
+:func:`open_storage` picks one for a path; the rest of the package imports from here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import ReadFile, Storage
+from .fsspec import LEFTOVER_GRACE_S, FsspecReadFile, FsspecStorage
+from .local import LOCK_NAME, LocalReadFile, LocalStorage, skip_transferred
+
+__all__ = [
+    "LEFTOVER_GRACE_S",
+    "LOCK_NAME",
+    "FsspecReadFile",
+    "FsspecStorage",
+    "LocalReadFile",
+    "LocalStorage",
+    "ReadFile",
+    "Storage",
+    "open_storage",
+    "skip_transferred",
+]
+
+
+def open_storage(
+    path: str, storage_options: dict[str, Any] | None = None
+) -> tuple[LocalStorage | FsspecStorage, str]:
+    """The storage for ``path`` and ``path`` as that storage names it: a plain path or a
+    ``file://`` (or ``local://``) URL gives :class:`LocalStorage` and a local path; any
+    other URL gives :class:`FsspecStorage` (fsspec must be installed, with the
+    filesystem's package, e.g. ``s3fs``) and the URL itself."""
+    if "://" not in path or path.startswith(("file://", "local://")):
+        if storage_options:
+            raise ValueError(f"storage_options are for fsspec URLs, not the local path {path!r}")
+        return LocalStorage(), path.split("://", 1)[-1]
+    try:
+        # The fsspec package itself: an absolute import, never this package's .fsspec.
+        import fsspec
+    except ImportError:
+        raise ImportError(
+            f"Checkpoints at {path!r} need fsspec and the filesystem's package: "
+            "pip install 'learnax[s3]' (s3fs) or 'learnax[gcs]' (gcsfs)."
+        ) from None
+    fs, _ = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    return FsspecStorage(fs), path.rstrip("/")

@@ -1,0 +1,132 @@
+"""What the checkpoint code needs from storage, as two :class:`typing.Protocol` classes.
+
+:class:`Storage` lists every operation the format, the run directory and the inspection
+code call on a storage back-end, and :class:`ReadFile` the handle that
+:meth:`Storage.open_read` returns for ranged reads. Each method's docstring states the
+contract both back-ends keep (:class:`~.local.LocalStorage` and
+:class:`~.fsspec.FsspecStorage`): what a missing path does, what is atomic, and what is
+durable when the call returns. Whatever the back-end, a failure of the filesystem comes
+out as ``OSError`` (``FileNotFoundError`` for a missing path), so a failed save looks
+the same on a local disk and on S3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from typing import BinaryIO, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class ReadFile(Protocol):
+    """One file open for ranged reads into the caller's buffers."""
+
+    def readinto(self, views: list[memoryview], offset: int) -> None:
+        """Fill ``views``, in order, with the file's bytes from ``offset`` on; ``EOFError``
+        if the file ends first (the views then hold what was read)."""
+        ...
+
+    def close(self) -> None:
+        """Release the handle; the caller calls it once, after the last read."""
+        ...
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """A directory tree of files: local paths or the URLs of one fsspec filesystem."""
+
+    def join(self, *parts: str) -> str:
+        """``parts`` joined into one path with the back-end's separator; no I/O."""
+        ...
+
+    def dirname(self, path: str) -> str:
+        """The parent of ``path``; no I/O."""
+        ...
+
+    def makedirs(self, path: str) -> None:
+        """Create directory ``path`` and its missing parents, durably; existing ones are
+        fine (on an object store, where directories are key prefixes, it does nothing)."""
+        ...
+
+    def listdir(self, path: str) -> list[str]:
+        """The names (not paths) of the entries in directory ``path``; ``[]`` when it
+        does not exist."""
+        ...
+
+    def isdir(self, path: str) -> bool:
+        """Whether ``path`` is a directory (on an object store: a prefix with objects
+        under it); ``False`` when missing."""
+        ...
+
+    def isfile(self, path: str) -> bool:
+        """Whether ``path`` is a file; ``False`` when missing."""
+        ...
+
+    def size(self, path: str) -> int:
+        """The size of file ``path`` in bytes; ``FileNotFoundError`` when missing."""
+        ...
+
+    def mtime(self, path: str) -> float:
+        """When ``path`` was last modified, in seconds since the epoch;
+        ``FileNotFoundError`` when missing, ``0.0`` where the filesystem keeps no times."""
+        ...
+
+    def unused(self, path: str) -> bool:
+        """Whether the leftover ``path`` (a file or a directory) may be removed now, that
+        is, no save in another process may still be writing it; ``True`` when missing."""
+        ...
+
+    def usage(self, path: str) -> tuple[int, float]:
+        """Total bytes of the files under directory ``path`` and their newest modification
+        time (``0.0`` when none is known); ``(0, 0.0)`` when it does not exist."""
+        ...
+
+    def open_stream(self, path: str) -> BinaryIO:
+        """``path`` open for sequential reading, a file object the caller closes;
+        ``FileNotFoundError`` when missing."""
+        ...
+
+    def open_read(self, path: str) -> ReadFile:
+        """``path`` open for ranged reads, closed by the caller; a missing file raises
+        ``FileNotFoundError`` here (local) or at the first read (fsspec)."""
+        ...
+
+    def read_bytes(self, path: str, limit: int) -> bytes:
+        """The whole of file ``path``; ``OSError`` (``EFBIG``) when it is larger than
+        ``limit`` bytes, ``FileNotFoundError`` when missing."""
+        ...
+
+    def write_durable(self, path: str, chunks: Iterable[memoryview | bytes]) -> int:
+        """Write ``chunks`` in order as file ``path`` (replacing any there), its data
+        durable when this returns; returns the size. Not atomic: a local file is visible
+        while written and a failed write leaves it partial for the caller to remove (the
+        fsspec back-end aborts the upload, or removes the file, instead). The new
+        directory entry needs :meth:`fsync_dir` to be durable."""
+        ...
+
+    def replace_atomic(self, path: str, data: bytes, tmp_name: str) -> None:
+        """Make ``path`` hold ``data`` in one atomic step: a reader sees the old content or
+        the new, never a mix (``tmp_name`` names the temporary file beside ``path`` where
+        the back-end needs one). Durable once the caller runs :meth:`fsync_dir` on the
+        parent; a failure there comes after the new content became visible."""
+        ...
+
+    def fsync_dir(self, path: str) -> None:
+        """Make the entries of directory ``path`` (files created, renamed or removed in
+        it) durable; a no-op where every completed write is durable on its own."""
+        ...
+
+    def remove(self, path: str) -> None:
+        """Remove file ``path``; a missing file is fine."""
+        ...
+
+    def rmtree(self, path: str) -> None:
+        """Remove directory ``path`` and everything under it, not atomically; a missing
+        directory is fine."""
+        ...
+
+    def lock(self, directory: str, *, blocking: bool = True) -> AbstractContextManager[bool]:
+        """A context holding an exclusive lock on ``directory`` among processes; it yields
+        whether the lock was taken (always ``True`` when ``blocking``, and always where
+        the back-end has no lock, as on object stores). ``directory`` must exist."""
+        ...
