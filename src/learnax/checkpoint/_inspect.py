@@ -418,7 +418,8 @@ def prune(
 
     **Example:** `prune("runs/mlp", keep=3, dry_run=True)`
     """
-    from ._checkpointer import delete_checkpoint, retention_victims
+    from ._policy import retention_victims
+    from ._run import RunDirectory, checkpoint_name
 
     for name, value, low in (("keep", keep, 1), ("keep_period", keep_period, 1)):
         if value is None and name == "keep_period":
@@ -428,16 +429,11 @@ def prune(
     storage, run = open_storage(str(run), storage_options)
     if path_kind(storage, run) != "run":
         raise FileNotFoundError(f"Not a run (no checkpoints directory): {run}")
-    directory = checkpoints_dir(storage, run)
-    steps = [
-        int(n[len(_PREFIX) :])
-        for n in checkpoint_names(storage, directory)
-        if n[len(_PREFIX) :].isdigit()
-    ]
-    names = [f"{_PREFIX}{s}" for s in retention_victims(steps, keep, keep_period)]
+    directory = RunDirectory(storage, checkpoints_dir(storage, run))
+    names = [checkpoint_name(s) for s in retention_victims(directory.numbered_steps(), keep, keep_period)]
     if dry_run:
-        return [storage.join(directory, n) for n in names]
-    failed = [n for n in names if not delete_checkpoint(storage, directory, n)]
+        return [directory.join(n) for n in names]
+    failed = [n for n in names if not directory.delete(n)]
     if failed:
-        raise OSError(f"could not delete {', '.join(storage.join(directory, n) for n in failed)}")
-    return [storage.join(directory, n) for n in names]
+        raise OSError(f"could not delete {', '.join(directory.join(n) for n in failed)}")
+    return [directory.join(n) for n in names]
