@@ -1,5 +1,8 @@
 """The ``learnax`` command: look at, check, compare, convert and prune checkpoints.
 
+It prints what the public functions of :mod:`learnax.checkpoint` return and imports
+nothing else of the package, so a script can do all it does.
+
 Every command takes local paths or fsspec URLs (``--storage-options`` passes the
 filesystem's options as JSON). Failures print one line, ``learnax: error: ...``, and
 exit with status 2 for a bad argument or a missing path, 1 for a damaged checkpoint;
@@ -18,10 +21,25 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from learnax.checkpoint import _format, _inspect
-from learnax.checkpoint._convert import convert
-from learnax.checkpoint._errors import CheckpointCorruptedError, CheckpointError
-from learnax.checkpoint._storage import open_storage
+from learnax.checkpoint import (
+    CheckpointCorruptedError,
+    CheckpointError,
+    CheckpointSummary,
+    LeafInfo,
+    Location,
+    RunSummary,
+    checkpoint_path,
+    convert,
+    diff,
+    find_checkpoints,
+    list_checkpoints,
+    list_runs,
+    locate,
+    metric_history,
+    prune,
+    read_info,
+    verify,
+)
 
 
 class UsageError(Exception):
@@ -174,21 +192,21 @@ def _non_negative(text: str) -> int:
 # --------------------------------------------------------------------------- commands
 
 
-def _open(args: argparse.Namespace, path: str) -> tuple[Any, str, str]:
-    storage, path = open_storage(path, args.storage_options)
+def _open(args: argparse.Namespace, path: str) -> Location:
     try:
-        kind = _inspect.path_kind(storage, path)
+        return locate(path, storage_options=args.storage_options)
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
-    return storage, path, kind
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    storage, path, kind = _open(args, args.path)
+    kind, path = _open(args, args.path)
     if kind == "checkpoint":
         raise UsageError(f"{path} is a checkpoint: use `learnax show {args.path}`")
     if kind == "run":
-        rows = [_checkpoint_row(storage, p) for p in _checkpoints_of(storage, path)]
+        rows = [
+            _checkpoint_row(c) for c in list_checkpoints(path, storage_options=args.storage_options)
+        ]
         if args.json:
             _print_json({"path": path, "checkpoints": rows})
             return 0
@@ -209,7 +227,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         if not rows:
             print(f"(no checkpoints in {path})")
         return 0
-    runs = [_run_row(storage, run) for run in _inspect.run_dirs(storage, path)]
+    runs = [_run_row(r) for r in list_runs(path, storage_options=args.storage_options)]
     if args.json:
         _print_json({"path": path, "runs": runs})
         return 0
@@ -234,97 +252,43 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checkpoints_of(storage: Any, run: str) -> list[str]:
-    directory = _inspect.checkpoints_dir(storage, run)
-    return [storage.join(directory, n) for n in _inspect.checkpoint_names(storage, directory)]
-
-
-def _checkpoint_row(storage: Any, path: str) -> dict[str, Any]:
-    name = path.rpartition("/")[2][len("state_") :]
-    row: dict[str, Any] = {"name": name, "path": path}
-    try:
-        info = _inspect.checkpoint_info(storage, path)
-        problem = _files_problem(storage, path)
-    except FileNotFoundError:  # deleted (retention of a live run) while listing
-        return {**row, "step": None, "time": None, "bytes": 0, "metrics": {}, "status": "gone"}
-    except CheckpointCorruptedError as e:
-        size, _ = storage.usage(path)
-        return {
-            **row,
-            "step": None,
-            "time": None,
-            "bytes": size,
-            "metrics": {},
-            "status": "damaged",
-            "problem": str(e),
-        }
-    return {
-        **row,
-        "step": info.step,
-        "time": info.time,
-        "bytes": info.nbytes,
-        "metrics": info.metrics,
-        "status": "damaged" if problem else "ok",
-        **({"problem": problem} if problem else {}),
+def _checkpoint_row(c: CheckpointSummary) -> dict[str, Any]:
+    row = {
+        "name": c.name,
+        "path": c.path,
+        "step": c.step,
+        "time": c.time,
+        "bytes": c.nbytes,
+        "metrics": c.metrics,
+        "status": c.status,
     }
+    return row if c.problem is None else {**row, "problem": c.problem}
 
 
-def _files_problem(storage: Any, path: str) -> str | None:
-    """A data file missing, of the wrong size or with a damaged header (``ls`` reads
-    headers, not data). A checkpoint replaced meanwhile by a live run is read again."""
-    try:
-        _format.read_consistent(
-            storage, path, lambda m: _format.CheckpointReader(storage, path, m).check_files()
-        )
-    except CheckpointCorruptedError as e:
-        return str(e)
-    return None
-
-
-def _run_row(storage: Any, run: str) -> dict[str, Any]:
-    steps, best = [], None
-    checkpoints = _checkpoints_of(storage, run)
-    for path in checkpoints:
-        try:
-            manifest = _format.read_manifest(storage, path)
-        except (CheckpointCorruptedError, FileNotFoundError):
-            continue
-        name = path.rpartition("/")[2]
-        if name == "state_best":
-            record = manifest.get("best")
-            if isinstance(record, dict) and isinstance(record.get("metric"), str):
-                best = {
-                    "metric": record["metric"],
-                    "value": record.get("value"),
-                    "step": manifest["step"],
-                }
-        else:
-            steps.append(manifest["step"])
-    size, last = storage.usage(run)
+def _run_row(r: RunSummary) -> dict[str, Any]:
     return {
-        "run": run.rstrip("/").rpartition("/")[2],
-        "path": run,
-        "checkpoints": len(checkpoints),
-        "newest_step": max(steps, default=None),
-        "best": best,
-        "bytes": size,
-        "last_write": last or None,
+        "run": r.name,
+        "path": r.path,
+        "checkpoints": r.checkpoints,
+        "newest_step": r.newest_step,
+        "best": r.best,
+        "bytes": r.nbytes,
+        "last_write": r.last_write,
     }
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    storage, path, kind = _open(args, args.path)
+    kind, path = _open(args, args.path)
     if kind == "run":
         if args.name is None:
             raise UsageError(
                 f"{path} is a run: name a checkpoint, e.g. `learnax show {args.path} latest`"
             )
-        name = args.name.removeprefix("state_").removeprefix("step_")
-        path = storage.join(_inspect.checkpoints_dir(storage, path), f"state_{name}")
+        path = checkpoint_path(path, args.name, storage_options=args.storage_options)
     elif kind != "checkpoint":
         raise UsageError(f"{path} is a registry: `learnax ls {args.path}` lists its runs")
     try:
-        info = _inspect.checkpoint_info(storage, path)
+        info = read_info(path, storage_options=args.storage_options)
     except FileNotFoundError:
         raise UsageError(f"No committed checkpoint at {path}") from None
     arrays = [leaf for leaf in info.leaves if leaf.nbytes or leaf.shape]
@@ -379,8 +343,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    storage, path, kind = _open(args, args.path)
-    checkpoints = _inspect.checkpoints_under(storage, path)
+    kind, path = _open(args, args.path)
+    checkpoints = find_checkpoints(path, storage_options=args.storage_options)
     if not checkpoints:
         raise UsageError(f"no checkpoints under {path}")
     bar = _progress(len(checkpoints))
@@ -394,7 +358,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             bar.update(1)
 
     try:
-        damaged = _inspect.verify(path, storage_options=args.storage_options, report=report)
+        damaged = verify(path, storage_options=args.storage_options, report=report)
     finally:
         if bar is not None:
             bar.close()
@@ -415,10 +379,10 @@ def _progress(total: int) -> Any:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     for side in (args.a, args.b):
-        if _open(args, side)[2] != "checkpoint":
+        if _open(args, side).kind != "checkpoint":
             raise UsageError(f"{side} is not a checkpoint (.../checkpoints/state_<name>)")
     try:
-        result = _inspect.diff(args.a, args.b, storage_options=args.storage_options)
+        result = diff(args.a, args.b, storage_options=args.storage_options)
     except CheckpointCorruptedError as e:
         return _fail(str(e), 2)  # as diff(1): 1 means "they differ", 2 "trouble"
     differ = bool(result["added"] or result["removed"] or result["changed"] or result["different"])
@@ -462,10 +426,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    storage, path, kind = _open(args, args.path)
+    kind, path = _open(args, args.path)
     if kind != "run":
         raise UsageError(f"{path} is not a run (<registry>/<run_id>)")
-    victims = _inspect.prune(
+    victims = prune(
         path,
         args.keep,
         keep_period=args.keep_period,
@@ -480,7 +444,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    storage, path, kind = _open(args, args.path)
+    kind, path = _open(args, args.path)
     if kind != "run":
         raise UsageError(f"{path} is not a run (<registry>/<run_id>)")
     try:
@@ -490,36 +454,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError('plot needs matplotlib: pip install "learnax[plot]"') from None
-    points: dict[int, float] = {}
-    maximize = args.maximize
-    best: tuple[int, float] | None = None
-    for checkpoint in _checkpoints_of(storage, path):
-        try:
-            manifest = _format.read_manifest(storage, checkpoint)
-            metrics = _format.decode_metrics(manifest["metrics"], checkpoint)
-        except CheckpointCorruptedError:
-            continue
-        value = metrics.get(args.metric)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            continue
-        if not math.isfinite(value):
-            continue
-        points[manifest["step"]] = float(value)
-        record = manifest.get("best")
-        if (
-            checkpoint.endswith("/state_best")
-            and isinstance(record, dict)
-            and record.get("metric") == args.metric
-        ):
-            best = (manifest["step"], float(value))
-            maximize = maximize or record.get("minimize") is False
-    if not points:
-        raise UsageError(f"no checkpoint of {path} has a finite value of {args.metric!r}")
-    steps = sorted(points)
-    values = [points[s] for s in steps]
-    if best is None or best[1] != (max(values) if maximize else min(values)):
-        pick = (max if maximize else min)(range(len(steps)), key=lambda i: values[i])
-        best = (steps[pick], values[pick])
+    history = metric_history(
+        path, args.metric, maximize=args.maximize, storage_options=args.storage_options
+    )
+    steps, values = list(history.points), list(history.points.values())
+    best = (history.best_step, history.best_value)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(steps, values, marker="o", markersize=3, linewidth=1.5, label=args.metric)
     ax.scatter(
@@ -595,7 +534,7 @@ def _or_dash(x: Any) -> str:
     return "-" if x is None else str(x)
 
 
-def _shape(leaf: _inspect.LeafInfo) -> str:
+def _shape(leaf: LeafInfo) -> str:
     if not leaf.shape and not leaf.nbytes:
         return "-"
     return "(" + ", ".join(map(str, leaf.shape)) + ("," if len(leaf.shape) == 1 else "") + ")"

@@ -12,24 +12,51 @@ restored = ckpt.load_latest(target=state)
 
 from ._checkpointer import Checkpointer
 from ._convert import convert
+from ._diff import diff
 from ._errors import (
     CheckpointCorruptedError,
     CheckpointError,
     CheckpointSaveError,
     LegacyPickleError,
 )
-from ._inspect import CheckpointInfo, LeafInfo, diff, prune, read_info, verify
+from ._inspect import (
+    CheckpointInfo,
+    CheckpointSummary,
+    LeafInfo,
+    Location,
+    MetricHistory,
+    RunSummary,
+    checkpoint_path,
+    find_checkpoints,
+    list_checkpoints,
+    list_runs,
+    locate,
+    metric_history,
+    prune,
+    read_info,
+)
+from ._verify import verify
 
 __all__ = [
     "CheckpointCorruptedError",
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointSaveError",
+    "CheckpointSummary",
     "Checkpointer",
     "LeafInfo",
     "LegacyPickleError",
+    "Location",
+    "MetricHistory",
+    "RunSummary",
+    "checkpoint_path",
     "convert",
     "diff",
+    "find_checkpoints",
+    "list_checkpoints",
+    "list_runs",
+    "locate",
+    "metric_history",
     "prune",
     "read_info",
     "verify",

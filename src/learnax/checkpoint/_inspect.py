@@ -1,27 +1,48 @@
-"""Looking at stored checkpoints without a training loop: which runs and checkpoints
-there are, what one holds, whether it is intact, how two differ, and retention applied
-offline. The ``learnax`` command line is a thin layer over these functions.
+"""Looking at stored checkpoints without a training loop: where a path points, which
+runs and checkpoints there are, what one holds, a metric across a run, and retention
+applied offline. The ``learnax`` command line prints what these functions return;
+verify and diff have modules of their own (``_verify``, ``_diff``).
 
 Everything here reads manifests (small JSON files) unless it says otherwise: listing
-and showing never read array data, so they are fast on object storage too.
+and showing never read array data, so they are fast on object storage too. What a run
+directory is (names, listing, the best record) is ``_run``'s to say.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import numpy as np
-
-from . import _format, _tree
+from . import _tree
 from ._errors import CheckpointCorruptedError
+from ._format import (
+    MANIFEST,
+    CheckpointReader,
+    check_array_entry,
+    decode_metrics,
+    read_consistent,
+    read_manifest,
+)
+from ._policy import retention_victims
+from ._run import (
+    BEST,
+    PREFIX,
+    BestRecord,
+    RunDirectory,
+    checkpoint_name,
+    checkpoints_dir,
+    key_of_name,
+    path_kind,
+    run_dirs,
+)
 from ._storage import open_storage
 
-_PREFIX = "state_"
-# verify reads at most this many bytes of arrays at once.
-_VERIFY_BATCH = 256 << 20
+if TYPE_CHECKING:
+    from ._storage import Storage
+
+
+# --------------------------------------------------------------------------- what
 
 
 @dataclass(frozen=True)
@@ -91,15 +112,15 @@ def read_info(path: str, *, storage_options: dict[str, Any] | None = None) -> Ch
     return checkpoint_info(storage, path)
 
 
-def checkpoint_info(storage: Any, path: str) -> CheckpointInfo:
-    manifest = _format.read_manifest(storage, path)
-    leaves = [leaf for leaf, _ in _leaves(storage, path, manifest)]
+def checkpoint_info(storage: Storage, path: str) -> CheckpointInfo:
+    manifest = read_manifest(storage, path)
+    leaves = [leaf for leaf, _ in leaves_of(storage, path, manifest)]
     best = manifest.get("best")
     return CheckpointInfo(
         path=path,
         step=manifest["step"],
         time=manifest["time"],
-        metrics=_format.decode_metrics(manifest["metrics"], path),
+        metrics=decode_metrics(manifest["metrics"], path),
         leaves=leaves,
         nbytes=storage.usage(path)[0],
         best=best if isinstance(best, dict) else None,
@@ -107,9 +128,9 @@ def checkpoint_info(storage: Any, path: str) -> CheckpointInfo:
     )
 
 
-def _leaves(storage: Any, path: str, manifest: dict[str, Any]) -> list[tuple[LeafInfo, Any]]:
+def leaves_of(storage: Storage, path: str, manifest: dict[str, Any]) -> list[tuple[LeafInfo, Any]]:
     """Each leaf's description and its stored node, in tree order."""
-    where = storage.join(path, _format.MANIFEST)
+    where = storage.join(path, MANIFEST)
     try:
         return [
             (_leaf_info(manifest, keys, node, where), node)
@@ -128,7 +149,7 @@ def _leaf_info(manifest: dict[str, Any], keys: tuple, node: Any, where: str) -> 
         # A scalar: no array to read. A function was not stored: its name is shown.
         value = node[tag] if tag == "callable" else _tree.decode_tree(node, lambda name: None)
         return LeafInfo(path, tag, (), 0, value, keys)
-    dtype, _ = _format.check_array_entry(manifest, node["array"], where)
+    dtype, _ = check_array_entry(manifest, node["array"], where)
     entry = manifest["arrays"][node["array"]]
     shape = tuple(entry["shape"])
     nbytes = math.prod(shape) * dtype.itemsize
@@ -140,253 +161,253 @@ def _leaf_info(manifest: dict[str, Any], keys: tuple, node: Any, where: str) -> 
 # --------------------------------------------------------------------------- where
 
 
-def path_kind(storage: Any, path: str) -> str:
-    """``"checkpoint"``, ``"run"`` or ``"registry"``: what ``path`` points at.
-    Raises ``FileNotFoundError`` when nothing is there."""
-    parent, _, name = path.rstrip("/").rpartition("/")
-    if storage.isfile(storage.join(path, _format.MANIFEST)):
-        return "checkpoint"
-    if not storage.isdir(path):
-        if storage.isfile(path):
-            raise FileNotFoundError(f"{path} is a file, not a checkpoint, run or registry")
-        raise FileNotFoundError(f"No such checkpoint, run or registry: {path}")
-    # A run may well be called "state_space": its checkpoints directory decides.
-    if name == "checkpoints" or storage.isdir(storage.join(path, "checkpoints")):
-        return "run"
-    if name.startswith(_PREFIX) and parent.rpartition("/")[2] == "checkpoints":
-        return "checkpoint"  # one without a manifest: reading it says so
-    return "registry"
+class Location(NamedTuple):
+    """What a path points at: `kind` is ``"checkpoint"``, ``"run"`` or ``"registry"``;
+    `path` is the path as the storage names it (a ``file://`` prefix dropped)."""
+
+    kind: str
+    path: str
 
 
-def checkpoints_dir(storage: Any, run: str) -> str:
-    """The ``checkpoints`` directory of a run given as ``<registry>/<run_id>`` or as that
-    directory itself."""
-    if run.rstrip("/").rpartition("/")[2] == "checkpoints":
-        return run.rstrip("/")
-    return storage.join(run, "checkpoints")
+def locate(path: str, *, storage_options: dict[str, Any] | None = None) -> Location:
+    """What ``path`` points at: a checkpoint, a run (``<registry>/<run_id>``) or a
+    registry. Raises ``FileNotFoundError`` when nothing is there.
+
+    **Example:** `locate("runs/mlp").kind == "run"`
+    """
+    storage, path = open_storage(str(path), storage_options)
+    return Location(path_kind(storage, path), path)
 
 
-def checkpoint_names(storage: Any, directory: str) -> list[str]:
-    """The checkpoints with a manifest in a run's ``checkpoints`` directory (intact or
-    not): latest, best, the numbered ones by step, then any other name."""
-    names = [
-        e[len(_PREFIX) :]
-        for e in storage.listdir(directory)
-        if e.startswith(_PREFIX) and storage.isfile(storage.join(directory, e, _format.MANIFEST))
-    ]
-    fixed = [n for n in ("latest", "best") if n in names]
-    numbered = sorted((n for n in names if n.isdigit()), key=int)
-    others = sorted(n for n in names if n not in fixed and not n.isdigit())
-    return [_PREFIX + n for n in (*fixed, *numbered, *others)]
+def _run_directory(storage: Storage, run: str) -> RunDirectory:
+    return RunDirectory(storage, checkpoints_dir(storage, run))
 
 
-def run_dirs(storage: Any, registry: str) -> list[str]:
-    """The runs of a registry: its subdirectories that hold a ``checkpoints`` directory."""
-    return [
-        storage.join(registry, e)
-        for e in sorted(storage.listdir(registry))
-        if storage.isdir(storage.join(registry, e, "checkpoints"))
-    ]
-
-
-def checkpoints_under(storage: Any, path: str) -> list[str]:
-    """Every checkpoint directory under ``path`` (a checkpoint, a run or a registry)."""
+def checkpoints_under(storage: Storage, path: str) -> list[str]:
+    """Every committed checkpoint directory under ``path`` (a checkpoint, a run or a
+    registry)."""
     kind = path_kind(storage, path)
     if kind == "checkpoint":
         return [path]
     runs = [path] if kind == "run" else run_dirs(storage, path)
     out = []
     for run in runs:
-        directory = checkpoints_dir(storage, run)
-        out += [storage.join(directory, n) for n in checkpoint_names(storage, directory)]
+        directory = _run_directory(storage, run)
+        out += [directory.join(name) for name in directory.names()]
     return out
 
 
-# --------------------------------------------------------------------------- verify
+def find_checkpoints(path: str, *, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """The committed checkpoint directories under ``path``: the checkpoint itself, those
+    of a run (latest, best, numbered by step, then others) or those of every run of a
+    registry. Raises ``FileNotFoundError`` when nothing is there.
 
-
-def verify(
-    path: str,
-    *,
-    storage_options: dict[str, Any] | None = None,
-    report: Callable[[str, str | None], None] | None = None,
-) -> list[tuple[str, str]]:
-    """Read every byte of the checkpoints under ``path`` and check every checksum.
-
-    **Arguments:**
-
-    - `path`: a checkpoint, a run (``<registry>/<run_id>``) or a whole registry.
-    - `storage_options`: options for the fsspec filesystem of a URL.
-    - `report`: called after each checkpoint with its path and the problem found
-      (``None`` when intact), e.g. to show progress.
-
-    **Returns:** ``(checkpoint path, problem)`` for each damaged checkpoint; an empty
-    list when all are intact. Raises ``FileNotFoundError`` when ``path`` holds nothing.
-
-    **Example:** `assert not verify("runs/mlp"), "a checkpoint is damaged"`
+    **Example:** `len(find_checkpoints("runs"))`
     """
     storage, path = open_storage(str(path), storage_options)
-    damaged = []
-    for checkpoint in checkpoints_under(storage, path):
-        problem = _verify_live(storage, checkpoint)
-        if problem == "gone":  # deleted by retention while we looked: nothing to check
+    return checkpoints_under(storage, path)
+
+
+def checkpoint_path(run: str, name: str, *, storage_options: dict[str, Any] | None = None) -> str:
+    """The directory of checkpoint ``name`` of ``run``, committed or not: ``name`` is
+    ``"latest"``, ``"best"``, a step (``"1000"``), a key of
+    ``list_available_checkpoints()`` (``"step_1000"``) or a directory name
+    (``"state_1000"``). Raises ``ValueError`` for a name no checkpoint can have.
+
+    **Example:** `read_info(checkpoint_path("runs/mlp", "best"))`
+    """
+    storage, run = open_storage(str(run), storage_options)
+    return _run_directory(storage, run).join(checkpoint_name(key_of_name(name)))
+
+
+# --------------------------------------------------------------------------- listing
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One run of a registry (see :func:`list_runs`).
+
+    **Arguments** (its fields): `name` (the run id), `path`, `checkpoints` (how many
+    are committed), `newest_step` (of latest and the numbered ones; ``None`` when none
+    can be read), `best` (``{"metric", "value", "step"}`` of ``state_best``, or
+    ``None``), `nbytes` (all its files), `last_write` (newest modification time, seconds
+    since the epoch; ``None`` when unknown).
+    """
+
+    name: str
+    path: str
+    checkpoints: int
+    newest_step: int | None
+    best: dict[str, Any] | None
+    nbytes: int
+    last_write: float | None
+
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """One checkpoint of a run (see :func:`list_checkpoints`).
+
+    **Arguments** (its fields): `name` (its key: ``"latest"``, ``"1000"``...), `path`,
+    `status` (``"ok"``, ``"damaged"``, or ``"gone"`` when a live run deleted it while
+    it was listed), `step`, `time`, `metrics`, `nbytes` (its files on storage),
+    `problem` (what is damaged, ``None`` when ok).
+    """
+
+    name: str
+    path: str
+    status: str
+    step: int | None = None
+    time: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    nbytes: int = 0
+    problem: str | None = None
+
+
+def list_runs(registry: str, *, storage_options: dict[str, Any] | None = None) -> list[RunSummary]:
+    """The runs of a registry, by name, each summed up from its manifests.
+
+    **Example:** `[(r.name, r.newest_step) for r in list_runs("runs")]`
+    """
+    storage, registry = open_storage(str(registry), storage_options)
+    return [_run_summary(storage, run) for run in run_dirs(storage, registry)]
+
+
+def _run_summary(storage: Storage, run: str) -> RunSummary:
+    directory = _run_directory(storage, run)
+    names = directory.names()
+    steps, best = [], None
+    for name in names:
+        try:
+            manifest = directory.read_manifest(name)
+        except (CheckpointCorruptedError, FileNotFoundError):
             continue
-        if problem is not None:
-            damaged.append((checkpoint, problem))
-        if report is not None:
-            report(checkpoint, problem)
-    return damaged
+        if name != checkpoint_name(BEST):
+            steps.append(manifest["step"])
+        elif (record := BestRecord.of_manifest(manifest)) is not None:
+            best = {"metric": record.metric, "value": record.value, "step": manifest["step"]}
+    size, last = storage.usage(run)
+    return RunSummary(
+        name=run.rstrip("/").rpartition("/")[2],
+        path=run,
+        checkpoints=len(names),
+        newest_step=max(steps, default=None),
+        best=best,
+        nbytes=size,
+        last_write=last or None,
+    )
 
 
-def _verify_live(storage: Any, path: str) -> str | None:
-    """The problem with a checkpoint, ``None`` when intact, ``"gone"`` when it was
-    deleted meanwhile. A run still training may replace a checkpoint while it is read
-    (its old files are removed after the new manifest): then it is read again."""
+def list_checkpoints(
+    run: str, *, storage_options: dict[str, Any] | None = None
+) -> list[CheckpointSummary]:
+    """The committed checkpoints of a run (latest, best, numbered by step, then others),
+    each read from its manifest and checked for missing, truncated or damaged data
+    files (their headers, not their data: ``verify`` reads every byte).
+
+    **Example:** `[c.name for c in list_checkpoints("runs/mlp") if c.status != "ok"]`
+    """
+    storage, run = open_storage(str(run), storage_options)
+    directory = _run_directory(storage, run)
+    return [_checkpoint_summary(storage, directory.join(name)) for name in directory.names()]
+
+
+def _checkpoint_summary(storage: Storage, path: str) -> CheckpointSummary:
+    name = path.rpartition("/")[2][len(PREFIX) :]
     try:
-        _format.read_consistent(storage, path, lambda m: verify_checkpoint(storage, path, m))
-    except FileNotFoundError:
-        return "gone" if not storage.isdir(path) else "no manifest.json: not committed"
+        info = checkpoint_info(storage, path)
+        problem = _files_problem(storage, path)
+    except FileNotFoundError:  # deleted (retention of a live run) while listing
+        return CheckpointSummary(name, path, "gone")
+    except CheckpointCorruptedError as e:
+        return CheckpointSummary(
+            name, path, "damaged", nbytes=storage.usage(path)[0], problem=str(e)
+        )
+    return CheckpointSummary(
+        name,
+        path,
+        "damaged" if problem else "ok",
+        step=info.step,
+        time=info.time,
+        metrics=info.metrics,
+        nbytes=info.nbytes,
+        problem=problem,
+    )
+
+
+def _files_problem(storage: Storage, path: str) -> str | None:
+    """A data file missing, of the wrong size or with a damaged header. A checkpoint
+    replaced meanwhile by a live run is read again."""
+    try:
+        read_consistent(storage, path, lambda m: CheckpointReader(storage, path, m).check_files())
     except CheckpointCorruptedError as e:
         return str(e)
     return None
 
 
-def verify_checkpoint(storage: Any, path: str, manifest: dict[str, Any] | None = None) -> None:
-    """Check one checkpoint completely: its manifest, every data file's size and header,
-    and the checksum of every byte of every array (read in batches, so memory stays
-    bounded). Raises :class:`CheckpointCorruptedError` naming the file."""
-    if manifest is None:
-        manifest = _format.read_manifest(storage, path)
-    where = storage.join(path, _format.MANIFEST)
-    reader = _format.CheckpointReader(storage, path, manifest, keys_as_data=True)
-    reader.check_files()
-    try:
-        in_tree = set(_tree.array_names(manifest["tree"]))
-    except _tree.MalformedTreeError as e:
-        raise CheckpointCorruptedError(f"{where}: invalid tree: {e}") from None
-    missing = in_tree - set(manifest["arrays"])
-    if missing:
-        raise CheckpointCorruptedError(
-            f"{where}: the tree names unknown arrays {sorted(missing)[:3]}"
-        )
-    batch: list[str] = []
-    size = 0
-    for name in manifest["arrays"]:
-        dtype, shape, _ = reader.info(name)
-        batch.append(name)
-        size += math.prod(shape) * dtype.itemsize
-        if size >= _VERIFY_BATCH:
-            _read_and_drop(reader, batch)
-            batch, size = [], 0
-    _read_and_drop(reader, batch)
+# --------------------------------------------------------------------------- metrics
 
 
-def _read_and_drop(reader: _format.CheckpointReader, names: list[str]) -> None:
-    reader.prefetch(names)
-    for name in names:
-        reader.array(name)
+@dataclass(frozen=True)
+class MetricHistory:
+    """A metric across the checkpoints of a run (see :func:`metric_history`).
+
+    **Arguments** (its fields): `points` (step -> value, ascending steps), `best_step`
+    and `best_value` (the best point), `maximize` (whether higher was taken as better).
+    """
+
+    points: dict[int, float]
+    best_step: int
+    best_value: float
+    maximize: bool
 
 
-# --------------------------------------------------------------------------- diff
-
-
-def diff(a: str, b: str, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Compare two checkpoints leaf by leaf (one leaf's arrays in memory at a time).
+def metric_history(
+    run: str,
+    metric: str,
+    *,
+    maximize: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> MetricHistory:
+    """The finite values of ``metric`` in the checkpoints of ``run``, by step, and the
+    best of them: the one ``state_best`` records when it is still the optimum.
 
     **Arguments:**
 
-    - `a`, `b`: the two checkpoint directories (local paths or URLs).
-    - `storage_options`: options for the fsspec filesystem of URLs.
+    - `run`: ``<registry>/<run_id>``.
+    - `metric`: a metric name, e.g. ``"val/loss"``.
+    - `maximize`: higher is better; by default what ``state_best`` says, else lower.
+    - `storage_options`: options for the fsspec filesystem of a URL.
 
-    **Returns:** ``{"added": [paths only in b], "removed": [paths only in a],
-    "changed": [{"path", "a", "b"}] (shape, dtype or kind differs), "different":
-    [{"path", "max_abs", "max_rel"}] (same shape and dtype, other values; relative to
-    the larger magnitude of the two), "identical": count}``.
+    Raises ``ValueError`` when no checkpoint has a finite value of ``metric``.
 
-    **Example:** `d = diff("runs/a/checkpoints/state_100", "runs/a/checkpoints/state_200")`
+    **Example:** `metric_history("runs/mlp", "val/loss").best_step`
     """
-    storage_a, a = open_storage(str(a), storage_options)
-    storage_b, b = open_storage(str(b), storage_options)
-    sides = []
-    for storage, path in ((storage_a, a), (storage_b, b)):
-        manifest = _format.read_manifest(storage, path)
-        reader = _format.CheckpointReader(storage, path, manifest, keys_as_data=True)
-        leaves = {leaf.keys: (leaf, node) for leaf, node in _leaves(storage, path, manifest)}
-        sides.append((reader, leaves))
-    (reader_a, leaves_a), (reader_b, leaves_b) = sides
-    out: dict[str, Any] = {
-        "added": [leaf.path for k, (leaf, _) in leaves_b.items() if k not in leaves_a],
-        "removed": [leaf.path for k, (leaf, _) in leaves_a.items() if k not in leaves_b],
-        "changed": [],
-        "different": [],
-        "identical": 0,
-    }
-    for keys, (leaf_a, node_a) in leaves_a.items():
-        if keys not in leaves_b:
+    storage, run = open_storage(str(run), storage_options)
+    directory = _run_directory(storage, run)
+    points: dict[int, float] = {}
+    recorded: tuple[int, float] | None = None
+    for name in directory.names():
+        try:
+            manifest = directory.read_manifest(name)
+            value = decode_metrics(manifest["metrics"], directory.join(name)).get(metric)
+        except (CheckpointCorruptedError, FileNotFoundError):
             continue
-        path = leaf_a.path
-        leaf_b, node_b = leaves_b[keys]
-        if (leaf_a.dtype, leaf_a.shape) != (leaf_b.dtype, leaf_b.shape):
-            out["changed"].append({"path": path, "a": _kind(leaf_a), "b": _kind(leaf_b)})
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        if isinstance(node_a, dict) and "array" in node_a:
-            x, y = (
-                _numeric(reader_a.array(node_a["array"])),
-                _numeric(reader_b.array(node_b["array"])),
-            )
-        else:
-            x, y = leaf_a.value, leaf_b.value
-        delta = _difference(x, y)
-        if delta is None:
-            out["identical"] += 1
-        else:
-            out["different"].append({"path": path, **delta})
-    return out
-
-
-def _kind(leaf: LeafInfo) -> str:
-    return f"{leaf.dtype}{list(leaf.shape)}" if leaf.shape or leaf.nbytes else leaf.dtype
-
-
-def _numeric(value: Any) -> np.ndarray:
-    return np.asarray(value)  # PRNG keys are read as their key data (keys_as_data)
-
-
-def _difference(x: Any, y: Any) -> dict[str, float] | None:
-    """Max absolute and relative difference (relative to the larger magnitude of the
-    two), or None when equal; NaN equals NaN, a NaN against a number differs by inf."""
-    if isinstance(x, str) or isinstance(y, str):
-        return None if x == y else {"max_abs": math.nan, "max_rel": math.nan}
-    if type(x) is int and type(y) is int:  # Python ints of any size, exactly
-        if x == y:
-            return None
-        return {"max_abs": float(abs(x - y)), "max_rel": abs(x - y) / max(abs(x), abs(y))}
-    x, y = np.asarray(x), np.asarray(y)
-    if x.dtype.kind in "biu" and y.dtype.kind in "biu":
-        # Exactly, in Python ints: float64 would merge 2**53 and 2**53 + 1.
-        if np.array_equal(x, y):
-            return None
-        a, b = x.astype(object).ravel(), y.astype(object).ravel()
-        diffs = [abs(int(p) - int(q)) for p, q in zip(a, b, strict=True)]
-        scales = [max(abs(int(p)), abs(int(q))) for p, q in zip(a, b, strict=True)]
-        return {
-            "max_abs": float(max(diffs)),
-            "max_rel": max((d / s if d else 0.0) for d, s in zip(diffs, scales, strict=True)),
-        }
-    wide = np.complex128 if "c" in (x.dtype.kind, y.dtype.kind) else np.float64
-    x, y = x.astype(wide), y.astype(wide)
-    nan_x, nan_y = np.isnan(x), np.isnan(y)
-    same = (x == y) | (nan_x & nan_y)
-    if bool(np.all(same)):
-        return None
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        abs_diff = np.where(same, 0.0, np.abs(x - y))
-        abs_diff = np.where(~same & (nan_x | nan_y), np.inf, abs_diff)  # NaN vs a number
-        abs_diff = np.where(np.isnan(abs_diff), np.inf, abs_diff)  # inf vs -inf
-        scale = np.maximum(np.abs(x), np.abs(y))
-        rel = np.where(same, 0.0, np.minimum(abs_diff / scale, 2.0))
-        rel = np.where(~same & (np.isinf(scale) | np.isnan(rel)), 1.0, rel)
-    return {"max_abs": float(abs_diff.max()), "max_rel": float(rel.max())}
+        if not math.isfinite(value):
+            continue
+        points[manifest["step"]] = float(value)
+        record = BestRecord.of_manifest(manifest) if name == checkpoint_name(BEST) else None
+        if record is not None and record.metric == metric:
+            recorded = (manifest["step"], float(value))
+            maximize = maximize or not record.minimize
+    if not points:
+        raise ValueError(f"no checkpoint of {run} has a finite value of {metric!r}")
+    points = dict(sorted(points.items()))
+    optimum = (max if maximize else min)(points.values())
+    if recorded is None or recorded[1] != optimum:
+        recorded = next((s, v) for s, v in points.items() if v == optimum)
+    return MetricHistory(points, recorded[0], recorded[1], maximize)
 
 
 # --------------------------------------------------------------------------- prune
@@ -418,9 +439,6 @@ def prune(
 
     **Example:** `prune("runs/mlp", keep=3, dry_run=True)`
     """
-    from ._policy import retention_victims
-    from ._run import RunDirectory, checkpoint_name
-
     for name, value, low in (("keep", keep, 1), ("keep_period", keep_period, 1)):
         if value is None and name == "keep_period":
             continue
@@ -430,7 +448,9 @@ def prune(
     if path_kind(storage, run) != "run":
         raise FileNotFoundError(f"Not a run (no checkpoints directory): {run}")
     directory = RunDirectory(storage, checkpoints_dir(storage, run))
-    names = [checkpoint_name(s) for s in retention_victims(directory.numbered_steps(), keep, keep_period)]
+    names = [
+        checkpoint_name(s) for s in retention_victims(directory.numbered_steps(), keep, keep_period)
+    ]
     if dry_run:
         return [directory.join(n) for n in names]
     failed = [n for n in names if not directory.delete(n)]

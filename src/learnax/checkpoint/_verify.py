@@ -1,0 +1,102 @@
+"""Checking stored checkpoints completely: every manifest, every data file's size and
+header, and the checksum of every byte, in batches so that memory stays bounded."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from . import _tree
+from ._errors import CheckpointCorruptedError
+from ._format import MANIFEST, CheckpointReader, read_consistent, read_manifest
+from ._inspect import checkpoints_under
+from ._storage import open_storage
+
+if TYPE_CHECKING:
+    from ._storage import Storage
+
+# verify reads at most this many bytes of arrays at once.
+_VERIFY_BATCH = 256 << 20
+
+
+def verify(
+    path: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    report: Callable[[str, str | None], None] | None = None,
+) -> list[tuple[str, str]]:
+    """Read every byte of the checkpoints under ``path`` and check every checksum.
+
+    **Arguments:**
+
+    - `path`: a checkpoint, a run (``<registry>/<run_id>``) or a whole registry.
+    - `storage_options`: options for the fsspec filesystem of a URL.
+    - `report`: called after each checkpoint with its path and the problem found
+      (``None`` when intact), e.g. to show progress.
+
+    **Returns:** ``(checkpoint path, problem)`` for each damaged checkpoint; an empty
+    list when all are intact. Raises ``FileNotFoundError`` when ``path`` holds nothing.
+
+    **Example:** `assert not verify("runs/mlp"), "a checkpoint is damaged"`
+    """
+    storage, path = open_storage(str(path), storage_options)
+    damaged = []
+    for checkpoint in checkpoints_under(storage, path):
+        problem = _verify_live(storage, checkpoint)
+        if problem == "gone":  # deleted by retention while we looked: nothing to check
+            continue
+        if problem is not None:
+            damaged.append((checkpoint, problem))
+        if report is not None:
+            report(checkpoint, problem)
+    return damaged
+
+
+def _verify_live(storage: Storage, path: str) -> str | None:
+    """The problem with a checkpoint, ``None`` when intact, ``"gone"`` when it was
+    deleted meanwhile. A run still training may replace a checkpoint while it is read
+    (its old files are removed after the new manifest): then it is read again."""
+    try:
+        read_consistent(storage, path, lambda m: verify_checkpoint(storage, path, m))
+    except FileNotFoundError:
+        return "gone" if not storage.isdir(path) else "no manifest.json: not committed"
+    except CheckpointCorruptedError as e:
+        return str(e)
+    return None
+
+
+def verify_checkpoint(storage: Storage, path: str, manifest: dict[str, Any] | None = None) -> None:
+    """Check one checkpoint completely: its manifest, every data file's size and header,
+    and the checksum of every byte of every array (read in batches, so memory stays
+    bounded). Raises :class:`CheckpointCorruptedError` naming the file."""
+    if manifest is None:
+        manifest = read_manifest(storage, path)
+    where = storage.join(path, MANIFEST)
+    reader = CheckpointReader(storage, path, manifest, keys_as_data=True)
+    reader.check_files()
+    try:
+        in_tree = set(_tree.array_names(manifest["tree"]))
+    except _tree.MalformedTreeError as e:
+        raise CheckpointCorruptedError(f"{where}: invalid tree: {e}") from None
+    missing = in_tree - set(manifest["arrays"])
+    if missing:
+        raise CheckpointCorruptedError(
+            f"{where}: the tree names unknown arrays {sorted(missing)[:3]}"
+        )
+    batch: list[str] = []
+    size = 0
+    for name in manifest["arrays"]:
+        dtype, shape, _ = reader.info(name)
+        batch.append(name)
+        size += math.prod(shape) * dtype.itemsize
+        if size >= _VERIFY_BATCH:
+            _read_and_drop(reader, batch)
+            batch, size = [], 0
+    _read_and_drop(reader, batch)
+
+
+def _read_and_drop(reader: CheckpointReader, names: list[str]) -> None:
+    reader.prefetch(names)
+    for name in names:
+        reader.array(name)
