@@ -18,12 +18,13 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from learnax.checkpoint import (
     CheckpointCorruptedError,
     CheckpointError,
+    CheckpointInfo,
     CheckpointSummary,
     LeafInfo,
     Location,
@@ -86,33 +87,45 @@ def _parser() -> argparse.ArgumentParser:
     _add_storage_options(common, default=argparse.SUPPRESS)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    class commands:  # noqa: N801 - reads as the subparsers object it stands for
-        @staticmethod
-        def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-            return subparsers.add_parser(name, parents=[common], **kwargs)
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return subparsers.add_parser(name, parents=[common], **kwargs)
 
-    ls = commands.add_parser("ls", help="the runs of a registry, or the checkpoints of a run")
+    for add in (_add_ls, _add_show, _add_verify, _add_diff, _add_convert, _add_prune, _add_plot):
+        add(add_parser)
+    return parser
+
+
+def _add_ls(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
+    ls = add_parser("ls", help="the runs of a registry, or the checkpoints of a run")
     ls.add_argument("path", help="a registry or a run (<registry>/<run_id>)")
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.set_defaults(run=cmd_ls)
 
-    show = commands.add_parser("show", help="what a checkpoint holds, without loading it")
+
+def _add_show(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
+    show = add_parser("show", help="what a checkpoint holds, without loading it")
     show.add_argument("path", help="a checkpoint directory, or a run")
     show.add_argument("name", nargs="?", help="with a run: latest, best, or a step")
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(run=cmd_show)
 
-    verify = commands.add_parser("verify", help="check every checksum; exit 1 if damaged")
+
+def _add_verify(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
+    verify = add_parser("verify", help="check every checksum; exit 1 if damaged")
     verify.add_argument("path", help="a checkpoint, a run or a registry")
     verify.set_defaults(run=cmd_verify)
 
-    diff = commands.add_parser("diff", help="compare two checkpoints; exit 1 if they differ")
+
+def _add_diff(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
+    diff = add_parser("diff", help="compare two checkpoints; exit 1 if they differ")
     diff.add_argument("a")
     diff.add_argument("b")
     diff.add_argument("--json", action="store_true", help="print JSON")
     diff.set_defaults(run=cmd_diff)
 
-    conv = commands.add_parser(
+
+def _add_convert(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
+    conv = add_parser(
         "convert", help="pickle / Orbax / safetensors -> learnax, or learnax -> safetensors"
     )
     conv.add_argument(
@@ -132,7 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--only", metavar="SUBTREE", help='keep a subtree, e.g. "params"')
     conv.set_defaults(run=cmd_convert)
 
-    prune = commands.add_parser("prune", help="apply retention to a run offline")
+
+def _add_prune(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
+    prune = add_parser("prune", help="apply retention to a run offline")
     prune.add_argument("path", help="a run (<registry>/<run_id>)")
     prune.add_argument("--keep", type=_positive, required=True, help="numbered checkpoints to keep")
     prune.add_argument(
@@ -144,7 +159,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--dry-run", action="store_true", help="only print what would go")
     prune.set_defaults(run=cmd_prune)
 
-    plot = commands.add_parser("plot", help="a metric of every checkpoint against its step")
+
+def _add_plot(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
+    plot = add_parser("plot", help="a metric of every checkpoint against its step")
     plot.add_argument("path", help="a run (<registry>/<run_id>)")
     plot.add_argument("--metric", required=True, help='e.g. "val/loss"')
     plot.add_argument("-o", "--output", required=True, help="the PNG file to write")
@@ -154,7 +171,6 @@ def _parser() -> argparse.ArgumentParser:
         help="higher is better (default: what state_best says, else lower)",
     )
     plot.set_defaults(run=cmd_plot)
-    return parser
 
 
 def _add_storage_options(parser: argparse.ArgumentParser, default: Any) -> None:
@@ -291,32 +307,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         info = read_info(path, storage_options=args.storage_options)
     except FileNotFoundError:
         raise UsageError(f"No committed checkpoint at {path}") from None
+    if args.json:
+        _print_json(_info_json(path, info))
+        return 0
     arrays = [leaf for leaf in info.leaves if leaf.nbytes or leaf.shape]
     total = sum(leaf.nbytes for leaf in info.leaves)
-    if args.json:
-        _print_json(
-            {
-                "path": path,
-                "step": info.step,
-                "time": info.time,
-                "metrics": info.metrics,
-                "leaves": [
-                    {
-                        "path": leaf.path,
-                        "dtype": leaf.dtype,
-                        "shape": list(leaf.shape),
-                        "bytes": leaf.nbytes,
-                        **({"value": leaf.value} if leaf.value is not None else {}),
-                    }
-                    for leaf in info.leaves
-                ],
-                "n_leaves": len(info.leaves),
-                "n_arrays": len(arrays),
-                "total_bytes": total,
-                "bytes_on_storage": info.nbytes,
-            }
-        )
-        return 0
     for key, value in (
         ("checkpoint", path),
         ("step", info.step),
@@ -340,6 +335,31 @@ def cmd_show(args: argparse.Namespace) -> int:
     )
     print(f"{len(info.leaves)} leaves, {len(arrays)} arrays, {_size(total)}")
     return 0
+
+
+def _info_json(path: str, info: CheckpointInfo) -> dict[str, Any]:
+    arrays = [leaf for leaf in info.leaves if leaf.nbytes or leaf.shape]
+    total = sum(leaf.nbytes for leaf in info.leaves)
+    return {
+        "path": path,
+        "step": info.step,
+        "time": info.time,
+        "metrics": info.metrics,
+        "leaves": [
+            {
+                "path": leaf.path,
+                "dtype": leaf.dtype,
+                "shape": list(leaf.shape),
+                "bytes": leaf.nbytes,
+                **({"value": leaf.value} if leaf.value is not None else {}),
+            }
+            for leaf in info.leaves
+        ],
+        "n_leaves": len(info.leaves),
+        "n_arrays": len(arrays),
+        "total_bytes": total,
+        "bytes_on_storage": info.nbytes,
+    }
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

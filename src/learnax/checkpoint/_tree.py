@@ -103,6 +103,27 @@ def _encode(x: Any, path: KeyPath, name: str, leaves: list[ArrayLeaf], used: set
         return None
     if isinstance(x, (np.ndarray, np.generic, jax.Array)):  # np.float64 is a float too
         return {"array": _add_leaf(x, path, name, leaves, used)}
+    if isinstance(x, (bool, int, float, complex, str)):
+        return _encode_scalar(x, path)
+    node = _encode_container(x, path, name, leaves, used)
+    if node is not None:
+        return node
+    if callable(x) and not isinstance(x, type):
+        # Functions cannot be stored safely (that would mean pickling code): recorded by
+        # name only, and taken from the target on load, as equinox's own serialisation
+        # does.
+        name = getattr(x, "__qualname__", None) or getattr(x, "__name__", None) or type(x).__name__
+        return {"callable": f"{getattr(x, '__module__', None) or ''}.{name}".lstrip(".")}
+    raise TypeError(
+        f"Leaf at {keystr(path)} has type {type(x).__module__}.{type(x).__qualname__}, "
+        "which learnax cannot save. Supported leaves: numpy and jax arrays, numpy scalars, "
+        "typed PRNG keys, int, float, bool, complex, str and None (and functions, which "
+        "are not stored: a load takes them from its target), inside dicts, lists, tuples, "
+        "NamedTuples and registered pytree nodes. Convert it, or drop it in prepare_fn."
+    )
+
+
+def _encode_scalar(x: bool | int | float | complex | str, path: KeyPath) -> Node:
     if isinstance(x, bool):
         return {"bool": x}
     if isinstance(x, int):
@@ -116,8 +137,14 @@ def _encode(x: Any, path: KeyPath, name: str, leaves: list[ArrayLeaf], used: set
         return {"float": encode_float(x)}
     if isinstance(x, complex):
         return {"complex": [encode_float(x.real), encode_float(x.imag)]}
-    if isinstance(x, str):
-        return {"str": x}
+    return {"str": x}
+
+
+def _encode_container(
+    x: Any, path: KeyPath, name: str, leaves: list[ArrayLeaf], used: set[str]
+) -> Node | None:
+    """The node of a dict, NamedTuple, list, tuple or registered pytree node; ``None``
+    when ``x`` is none of these."""
     if isinstance(x, dict):
         items = []
         for k, v in x.items():
@@ -156,19 +183,7 @@ def _encode(x: Any, path: KeyPath, name: str, leaves: list[ArrayLeaf], used: set
             items.append([k, _encode(child, (*path, key), _child(name, k), leaves, used)])
         cls = type(x)
         return {"node": items, "type": f"{cls.__module__}.{cls.__qualname__}"}
-    if callable(x) and not isinstance(x, type):
-        # Functions cannot be stored safely (that would mean pickling code): recorded by
-        # name only, and taken from the target on load, as equinox's own serialisation
-        # does.
-        name = getattr(x, "__qualname__", None) or getattr(x, "__name__", None) or type(x).__name__
-        return {"callable": f"{getattr(x, '__module__', None) or ''}.{name}".lstrip(".")}
-    raise TypeError(
-        f"Leaf at {keystr(path)} has type {type(x).__module__}.{type(x).__qualname__}, "
-        "which learnax cannot save. Supported leaves: numpy and jax arrays, numpy scalars, "
-        "typed PRNG keys, int, float, bool, complex, str and None (and functions, which "
-        "are not stored: a load takes them from its target), inside dicts, lists, tuples, "
-        "NamedTuples and registered pytree nodes. Convert it, or drop it in prepare_fn."
-    )
+    return None
 
 
 def _add_leaf(x: Any, path: KeyPath, name: str, leaves: list[ArrayLeaf], used: set[str]) -> str:
