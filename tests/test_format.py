@@ -142,12 +142,12 @@ def read_bytes_during(fn) -> tuple[object, int]:
 
 
 def region_reader(make_checkpointer, array):
-    from learnax.checkpoint import _format
+    from learnax.checkpoint import _manifest, _read
     from learnax.checkpoint._storage import LocalStorage
 
     path = saved_path(make_checkpointer, state={"w": array})
     storage = LocalStorage()
-    return _format.CheckpointReader(storage, str(path), _format.read_manifest(storage, str(path)))
+    return _read.CheckpointReader(storage, str(path), _manifest.read_manifest(storage, str(path)))
 
 
 @pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc")

@@ -132,19 +132,19 @@ def test_a_failed_preemption_save_is_retried_at_the_next_step(registry, sigterm_
     next call tries again: the loop only stops once latest is committed."""
     import errno
 
-    from learnax.checkpoint import _format
+    from learnax.checkpoint import _write
 
     ckpt = Checkpointer(registry, "run", save_every=1000, save_on_preemption=True)
     os.kill(os.getpid(), signal.SIGTERM)
-    real = _format.write_checkpoint
+    real = _write.write_checkpoint
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(_format, "write_checkpoint", disk_full)
+    monkeypatch.setattr(_write, "write_checkpoint", disk_full)
     assert ckpt.maybe_save_checkpoints({"w": np.ones(3)}, 17) == {}
     assert ckpt.reached_preemption is False
-    monkeypatch.setattr(_format, "write_checkpoint", real)
+    monkeypatch.setattr(_write, "write_checkpoint", real)
     assert set(ckpt.maybe_save_checkpoints({"w": np.ones(3)}, 18)) == {"latest"}
     assert ckpt.reached_preemption is True
     assert Checkpointer(registry, "run").load_latest()["step"] == 18

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from . import _tree
-from ._format import on_cpu
+from ._write import on_cpu
 
 _SMALL_LEAF = 1 << 20  # bytes: below it, a snapshot copies a CPU array on the host
 

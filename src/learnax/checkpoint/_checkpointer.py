@@ -14,14 +14,16 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 
-from . import _format, _legacy, _policy, _tree
+from . import _legacy, _policy, _tree
 from ._background import BackgroundSaves, snapshot
+from ._best import BestTracker
 from ._errors import CheckpointCorruptedError
-from ._multihost import Coordinator, agreed_float, is_multihost
+from ._metrics import encode_metrics
+from ._multihost import Coordinator, is_multihost
 from ._preemption import PreemptionWatch
-from ._run import BEST, LATEST, BestRecord, RunDirectory, check_run_id, check_suffix, key_of_name
+from ._read import LoadedCheckpoint, read_checkpoint
+from ._run import BEST, LATEST, RunDirectory, check_run_id, check_suffix
 from ._run import checkpoint_name as _name
 from ._save import PlannedWrite, Saver
 from ._storage import open_storage
@@ -116,9 +118,6 @@ class Checkpointer:
         self.save_every = _policy.check_interval(save_every, "save_every")
         self.checkpoint_every = _policy.check_interval(checkpoint_every, "checkpoint_every")
         self.max_to_keep = _policy.check_max_to_keep(max_to_keep)
-        self.keep_best = bool(keep_best)
-        self.metric_name = metric_name
-        self.minimize_metric = bool(minimize_metric)
         self.prepare_fn = prepare_fn if prepare_fn is not None else jax.device_get
         self._default_prepare = prepare_fn is None
         self.async_save = bool(async_save)
@@ -127,18 +126,47 @@ class Checkpointer:
         self.reached_preemption = False
         self._preemption = PreemptionWatch() if self.save_on_preemption else None
         self._background = BackgroundSaves()
-        self._pending_best: float | None = None  # the best value the save in flight writes
         self._closed = False
         # Multi-host: process 0 commits, cleans up and applies retention; the others
         # write their shards and wait for its word.
         self._coord = Coordinator(run_id, multihost_timeout) if is_multihost() else None
         self._run = RunDirectory(self._storage, self.checkpoint_dir)
-        self._saver = Saver(self._run, self._coord, on_best=self._set_best, retain=self._retain)
+        self._best = BestTracker(
+            self._run,
+            self._coord,
+            keep_best=bool(keep_best),
+            metric_name=metric_name,
+            minimize=bool(minimize_metric),
+        )
+        self._saver = Saver(
+            self._run, self._coord, on_best=self._best.committed, retain=self._retain
+        )
         self._storage.makedirs(self.checkpoint_dir)
-        self.best_metric_value: float = _policy.initial_best(self.minimize_metric)
         if self._coord is None:
             self._run.clean_leftovers()
-        self._restore_best_metric_value()
+        self._best.restore()
+
+    # The best-by-metric settings and value live in the tracker; these read and set them.
+    keep_best = property(
+        lambda self: self._best.keep_best,
+        lambda self, value: setattr(self._best, "keep_best", bool(value)),
+        doc="Whether ``state_best`` is kept.",
+    )
+    metric_name = property(
+        lambda self: self._best.metric_name,
+        lambda self, value: setattr(self._best, "metric_name", value),
+        doc="The key in ``metrics`` that decides the best checkpoint.",
+    )
+    minimize_metric = property(
+        lambda self: self._best.minimize,
+        lambda self, value: setattr(self._best, "minimize", bool(value)),
+        doc="Whether a lower value of ``metric_name`` is better.",
+    )
+    best_metric_value = property(
+        lambda self: self._best.value,
+        lambda self, value: setattr(self._best, "value", value),
+        doc="The best value of ``metric_name`` committed so far (``inf`` / ``-inf`` at first).",
+    )
 
     # ----------------------------------------------------------------- policy
 
@@ -208,10 +236,10 @@ class Checkpointer:
     ) -> list[PlannedWrite]:
         due_latest = preempted or _policy.is_due(step, self.save_every)
         due_numbered = _policy.is_due(step, self.checkpoint_every)
-        due_best = self.keep_best and _policy.reports_metric(metrics, self.metric_name)
+        due_best = self._best.keep_best and _policy.reports_metric(metrics, self.metric_name)
         if not (due_latest or due_numbered or due_best):
             return []  # the per-step fast path: nothing encoded, nothing touched
-        encoded = _format.encode_metrics(metrics)
+        encoded = encode_metrics(metrics)
         writes = []
         if due_latest:
             writes.append(PlannedWrite("latest", _name(LATEST), encoded))
@@ -221,7 +249,7 @@ class Checkpointer:
             assert metrics is not None
             # Decided against the best still being written, if any: a step that only
             # reports a metric that is not better never waits for a save in flight.
-            best = self._best_write(metrics[self.metric_name], encoded, step)
+            best = self._best.write_if_better(metrics[self.metric_name], encoded, step)
             if best is not None:
                 writes.append(best)
         return writes
@@ -273,25 +301,16 @@ class Checkpointer:
         ```
         """
         step = _policy.step_of(train_state, step)
-        encoded = _format.encode_metrics(metrics)
+        encoded = encode_metrics(metrics)
         name = _name(check_suffix(suffix, saving=True)) if suffix is not None else None
         if name == _name(BEST) or (name is None and is_best):
-            write = self._best_saved_by_hand(metrics, encoded, step)
+            write = self._best.write_by_hand(metrics, encoded, step)
         elif name is not None:
             write = PlannedWrite("", name, encoded)
         else:
             write = PlannedWrite("", _name(step), encoded, retention=True)
         self._finish_in_flight()
         return self._save_all(train_state, step, [write])[write.key]
-
-    def _best_saved_by_hand(self, metrics: Any, encoded: dict[str, Any], step: int) -> PlannedWrite:
-        """A best checkpoint saved by hand: when its metrics hold ``metric_name``, that
-        value becomes the best (now and after a restart), like update_best_checkpoint."""
-        value = metrics.get(self.metric_name) if isinstance(metrics, dict) else None
-        if value is None:
-            return PlannedWrite("best", _name(BEST), encoded)
-        value = self._agreed_metric(value, step)
-        return self._best_write_of(value, encoded)
 
     def save_latest(
         self, train_state: Any, step: int | None = None, metrics: dict[str, float] | None = None
@@ -326,36 +345,11 @@ class Checkpointer:
         **Example:** `ckpt.update_best_checkpoint(state, val_loss, step)`
         """
         step = _policy.step_of(train_state, step)
-        best = self._best_write(metric_value, None, step)
+        best = self._best.write_if_better(metric_value, None, step)
         if best is None:
             return False
         self._finish_in_flight()
         return self._save_all(train_state, step, [best]).get("best") is not None
-
-    def _best_write(
-        self, metric_value: Any, metrics: dict[str, Any] | None, step: int
-    ) -> PlannedWrite | None:
-        """The write of ``state_best`` if ``metric_value`` beats the best so far."""
-        if not self.keep_best:
-            return None
-        value = self._agreed_metric(metric_value, step)
-        best = self._pending_best if self._pending_best is not None else self.best_metric_value
-        if not _policy.is_better(value, best, self.minimize_metric):
-            return None
-        return self._best_write_of(value, metrics)
-
-    def _agreed_metric(self, value: Any, step: int) -> float:
-        value = _policy.metric_float(value, self.metric_name)
-        return agreed_float(
-            self._coord, value, f"metric/{step}", f"the metric {self.metric_name!r}"
-        )
-
-    def _best_write_of(self, value: float, metrics: dict[str, Any] | None) -> PlannedWrite:
-        record = BestRecord(self.metric_name, value, self.minimize_metric)
-        metrics = metrics or {self.metric_name: _tree.encode_float(value)}
-        return PlannedWrite(
-            "best", _name(BEST), metrics, extra=record.to_manifest(), best_value=value
-        )
 
     @gc_paused()
     def _save_all(
@@ -375,18 +369,15 @@ class Checkpointer:
             return self._saver.write_all(tree, leaves, step, writes)
         snapshot(leaves)
         self._background.submit(self._saver.write_in_background, tree, leaves, step, writes)
-        self._pending_best = next((w.best_value for w in writes if w.best_value is not None), None)
+        self._best.pending = next((w.best_value for w in writes if w.best_value is not None), None)
         return {w.key: self._run.join(w.name) for w in writes}
-
-    def _set_best(self, value: float) -> None:
-        self.best_metric_value = value
 
     def _retain(self) -> None:
         self._run.apply_retention(self.max_to_keep, self.keep_period)
 
     def _finish_in_flight(self) -> None:
         """Wait for the save in flight; raise its failure (once) if it failed."""
-        self._pending_best = None
+        self._best.pending = None
         self._background.finish()
 
     def wait_until_finished(self) -> None:
@@ -418,7 +409,7 @@ class Checkpointer:
         **Example:** `ckpt.close()`
         """
         self._closed = True
-        self._pending_best = None
+        self._best.pending = None
         self._background.close()
 
     def __enter__(self) -> Checkpointer:
@@ -451,7 +442,7 @@ class Checkpointer:
 
     def load_checkpoint(
         self, path_or_index: str | int, *, target: Any = None, allow_pickle: bool = False
-    ) -> dict[str, Any] | None:
+    ) -> LoadedCheckpoint | None:
         """Load one checkpoint.
 
         **Arguments:**
@@ -475,28 +466,14 @@ class Checkpointer:
         params = ckpt.load_checkpoint("best", target={"params": params})["state"]
         ```
         """
-        if isinstance(path_or_index, (bool, np.bool_)):
-            raise TypeError("path_or_index must be a step (int) or a name/path (str), not a bool")
-        if isinstance(path_or_index, (int, np.integer)):
-            step = int(path_or_index)
-            if step == -1:
-                return self.load_latest(target=target, allow_pickle=allow_pickle)
-            if step < 0:
-                raise ValueError(f"Step must be >= 0 (or -1 for the latest), got {step}")
-            path = self._run.find_step(step) or self._run.join(_name(step))
-        elif isinstance(path_or_index, (str, os.PathLike)):
-            text = os.fspath(path_or_index)
-            is_path = "/" in text or os.sep in text
-            path = text if is_path else self._run.join(_name(key_of_name(text)))
-        else:
-            raise TypeError(
-                f"path_or_index must be an int or a str, got {type(path_or_index).__name__}"
-            )
+        path = self._run.resolve(path_or_index)
+        if path is None:
+            return self.load_latest(target=target, allow_pickle=allow_pickle)
         return self._load_path(path, target, allow_pickle)
 
     def load_latest(
         self, *, target: Any = None, allow_pickle: bool = False
-    ) -> dict[str, Any] | None:
+    ) -> LoadedCheckpoint | None:
         """Load the newest checkpoint: the highest step among ``latest`` and the
         numbered ones. One that fails verification is skipped with a warning and the
         next newest is returned.
@@ -528,7 +505,9 @@ class Checkpointer:
             self._storage, self.checkpoint_dir, self._run.legacy_files(), allow_pickle
         )
 
-    def load_best(self, *, target: Any = None, allow_pickle: bool = False) -> dict[str, Any] | None:
+    def load_best(
+        self, *, target: Any = None, allow_pickle: bool = False
+    ) -> LoadedCheckpoint | None:
         """Load ``state_best``.
 
         **Arguments:** `target` and `allow_pickle` as in :meth:`load_checkpoint`.
@@ -540,64 +519,17 @@ class Checkpointer:
         """
         return self.load_checkpoint("best", target=target, allow_pickle=allow_pickle)
 
-    def _load_path(self, path: str, target: Any, allow_pickle: bool) -> dict[str, Any] | None:
+    def _load_path(self, path: str, target: Any, allow_pickle: bool) -> LoadedCheckpoint | None:
         legacy = path if path.endswith(_legacy.SUFFIX) else path + _legacy.SUFFIX
         if not self._storage.isdir(path) and self._storage.isfile(legacy):
             return _legacy.load_legacy(self._storage, legacy, allow_pickle)
         return self._read(path, target)
 
-    @gc_paused()
-    def _read(self, directory: str, target: Any) -> dict[str, Any] | None:
-        # TEMPORARY until the format split lands read_checkpoint.
+    def _read(self, directory: str, target: Any) -> LoadedCheckpoint | None:
         try:
-            return _format.read_consistent(
-                self._storage, directory, lambda m: self._read_manifest(directory, m, target)
-            )
+            return read_checkpoint(self._storage, directory, target)
         except FileNotFoundError:
             return None
-
-    def _read_manifest(self, directory: str, manifest: dict[str, Any], target: Any) -> Any:
-        from ._target import restore_into_target
-
-        reader = _format.CheckpointReader(self._storage, directory, manifest)
-
-        def read_nodes(nodes: list[Any]) -> list[Any]:
-            reader.prefetch([name for node in nodes for name in _tree.array_names(node)])
-            return [_tree.decode_tree(node, reader.array) for node in nodes]
-
-        try:
-            if target is None:
-                state = read_nodes([manifest["tree"]])[0]
-            else:
-                state = restore_into_target(manifest["tree"], target, read_nodes, reader)
-        except (_tree.MalformedTreeError, RecursionError) as e:
-            raise CheckpointCorruptedError(
-                f"{self._storage.join(directory, _format.MANIFEST)}: invalid tree: {e}"
-            ) from None
-        return {
-            "state": state,
-            "step": manifest["step"],
-            "time": manifest["time"],
-            "metrics": _format.decode_metrics(manifest["metrics"], directory),
-        }
-
-    # ----------------------------------------------------------------- start-up
-
-    def _restore_best_metric_value(self) -> None:
-        record = self._run.best_record(self.metric_name, self.minimize_metric)
-        if record is None:
-            return
-        if record.metric != self.metric_name or record.minimize != self.minimize_metric:
-            logger.warning(
-                "The best checkpoint of this run was chosen by %r (minimize=%s), not %r "
-                "(minimize=%s); its value is not carried over.",
-                record.metric,
-                record.minimize,
-                self.metric_name,
-                self.minimize_metric,
-            )
-            return
-        self.best_metric_value = record.value
 
     def __repr__(self) -> str:
         return f"Checkpointer({self.checkpoint_dir!r})"

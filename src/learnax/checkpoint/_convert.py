@@ -16,10 +16,16 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _format, _legacy, _tree
+from . import _legacy, _tree
 from ._dtypes import SAFETENSORS_CODES, dtype_from_name, dtype_name
 from ._errors import CheckpointCorruptedError
-from ._storage import open_storage
+from ._manifest import MANIFEST
+from ._metrics import encode_metrics
+from ._read import read_checkpoint
+from ._run import checkpoint_key
+from ._safetensors import read_into, read_safetensors_header
+from ._storage import Storage, open_storage
+from ._write import write_checkpoint, write_tensors_file
 
 logger = logging.getLogger("learnax")
 
@@ -67,27 +73,28 @@ def convert(
             storage.makedirs(storage.dirname(dst))
         write_safetensors(storage, dst, arrays)
         return dst
-    name = dst.rstrip("/").rpartition("/")[2]
-    if not name.startswith("state_"):
+    final_step = found_step if found_step is not None else (step or 0)
+    if isinstance(final_step, bool) or not isinstance(final_step, int) or final_step < 0:
+        raise ValueError(f"{src}: step {final_step!r} is not an int >= 0; pass --step")
+    _write_learnax(storage, dst, state, final_step, metrics)
+    return dst
+
+
+def _write_learnax(
+    storage: Storage, dst: str, state: Any, step: int, metrics: dict[str, Any]
+) -> None:
+    """``state`` as a new learnax checkpoint at ``dst``, a directory named like one."""
+    if checkpoint_key(dst.rstrip("/").rpartition("/")[2]) is None:
         raise ValueError(
             f"{dst}: the destination must be a checkpoint directory "
             "<registry>/<run>/checkpoints/state_<name>, or a .safetensors file"
         )
-    if storage.isfile(storage.join(dst, _format.MANIFEST)):
+    if storage.isfile(storage.join(dst, MANIFEST)):
         raise FileExistsError(f"{dst} already holds a checkpoint; remove it first")
     tree, leaves = _tree.encode_tree(state)
-    final_step = found_step if found_step is not None else (step or 0)
-    if isinstance(final_step, bool) or not isinstance(final_step, int) or final_step < 0:
-        raise ValueError(f"{src}: step {final_step!r} is not an int >= 0; pass --step")
-    _format.write_checkpoint(
-        storage,
-        dst,
-        tree=tree,
-        leaves=leaves,
-        step=final_step,
-        metrics=_format.encode_metrics(metrics),
+    write_checkpoint(
+        storage, dst, tree=tree, leaves=leaves, step=step, metrics=encode_metrics(metrics)
     )
-    return dst
 
 
 def load_source(
@@ -101,7 +108,7 @@ def load_source(
         return jax.device_get(loaded["state"]), loaded["step"], loaded["metrics"]
     if src.endswith(".safetensors"):
         return read_safetensors(storage, src), None, {}
-    if storage.isfile(storage.join(src, _format.MANIFEST)):
+    if storage.isfile(storage.join(src, MANIFEST)):
         return _load_learnax(storage, src)
     if storage.isdir(src):
         if not _looks_like_orbax(src):
@@ -115,15 +122,9 @@ def load_source(
     raise FileNotFoundError(f"No checkpoint at {src}")
 
 
-def _load_learnax(storage: Any, path: str) -> tuple[Any, int, dict[str, Any]]:
-    manifest = _format.read_manifest(storage, path)
-    reader = _format.CheckpointReader(storage, path, manifest)
-    try:
-        reader.prefetch(_tree.array_names(manifest["tree"]))
-        state = _tree.decode_tree(manifest["tree"], reader.array)
-    except _tree.MalformedTreeError as e:
-        raise CheckpointCorruptedError(f"{path}: invalid tree: {e}") from None
-    return state, manifest["step"], _format.decode_metrics(manifest["metrics"], path)
+def _load_learnax(storage: Storage, path: str) -> tuple[Any, int, dict[str, Any]]:
+    loaded = read_checkpoint(storage, path)
+    return loaded["state"], loaded["step"], loaded["metrics"]
 
 
 def _looks_like_orbax(path: str) -> bool:
@@ -211,19 +212,19 @@ def named_arrays(state: Any, prefix: str = "") -> dict[str, np.ndarray]:
     return out
 
 
-def write_safetensors(storage: Any, path: str, arrays: dict[str, np.ndarray]) -> None:
+def write_safetensors(storage: Storage, path: str, arrays: dict[str, np.ndarray]) -> None:
     """Write ``arrays`` as one safetensors file (durably)."""
     leaves = [_tree.ArrayLeaf(name, (), value, "array") for name, value in arrays.items()]
-    _format.write_tensors_file(storage, path, leaves)
+    write_tensors_file(storage, path, leaves)
 
 
-def read_safetensors(storage: Any, path: str) -> dict[str, np.ndarray]:
+def read_safetensors(storage: Storage, path: str) -> dict[str, np.ndarray]:
     """The arrays of a safetensors file, with the same checks learnax makes on its own
     files (header size and JSON, tensors tiling the data section); works on URLs."""
     size = storage.size(path)
     f = storage.open_read(path)
     try:
-        data_start, header = _format.read_safetensors_header(f, size, path)
+        data_start, header = read_safetensors_header(f, size, path)
         out = {}
         for name, entry in header.items():
             if name == "__metadata__":
@@ -246,7 +247,7 @@ def read_safetensors(storage: Any, path: str) -> dict[str, np.ndarray]:
             if math.prod(shape) * dtype.itemsize != end - begin:  # Python ints: no overflow
                 raise CheckpointCorruptedError(f"{path}: tensor {name!r}: size does not match")
             out[name] = np.empty(shape, dtype)
-            _format.read_into(f, [out[name].reshape(-1).view(np.uint8)], data_start + begin, path)
+            read_into(f, [out[name].reshape(-1).view(np.uint8)], data_start + begin, path)
         return out
     finally:
         f.close()

@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from ._format import CheckpointReader, read_manifest
 from ._inspect import LeafInfo, leaves_of
+from ._manifest import read_manifest
+from ._read import CheckpointReader
 from ._storage import open_storage
 
 

@@ -16,15 +16,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import _tree
 from ._errors import CheckpointCorruptedError
-from ._format import (
-    MANIFEST,
-    CheckpointReader,
-    check_array_entry,
-    decode_metrics,
-    read_consistent,
-    read_manifest,
-)
+from ._manifest import MANIFEST, check_array_entry, read_manifest
+from ._metrics import decode_metrics
 from ._policy import retention_victims
+from ._read import CheckpointReader, read_consistent
 from ._run import (
     BEST,
     PREFIX,

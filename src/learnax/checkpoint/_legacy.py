@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import logging
 import pickle
-from typing import Any
 
 from ._errors import CheckpointCorruptedError, LegacyPickleError
+from ._read import LoadedCheckpoint
 from ._run import BEST, LATEST, LEGACY_SUFFIX, checkpoint_name, legacy_step
+from ._storage import Storage
 
 logger = logging.getLogger("learnax")
 
 SUFFIX = LEGACY_SUFFIX
 
 
-def load_legacy(storage: Any, path: str, allow_pickle: bool) -> dict[str, Any]:
+def load_legacy(storage: Storage, path: str, allow_pickle: bool) -> LoadedCheckpoint:
     """Read a legacy pickle checkpoint, only if ``allow_pickle``.
 
     Returns the ``{"state", "step", "time", "metrics"}`` dict of a load.
@@ -56,8 +57,8 @@ def load_legacy(storage: Any, path: str, allow_pickle: bool) -> dict[str, Any]:
 
 
 def load_newest_legacy(
-    storage: Any, directory: str, entries: list[str], allow_pickle: bool
-) -> dict[str, Any] | None:
+    storage: Storage, directory: str, entries: list[str], allow_pickle: bool
+) -> LoadedCheckpoint | None:
     """The newest of the legacy pickle files ``entries`` of a run's ``directory`` (what
     ``load_latest`` falls back to); ``None`` when there are none. Unpickles as little as
     possible: the highest numbered file, and latest (whose step only the file itself

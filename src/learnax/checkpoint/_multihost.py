@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from . import _format, _tree
+from . import _tree, _write
+from ._manifest import Part, manifest_body, manifest_bytes
 
 if TYPE_CHECKING:
     from ._run import RunDirectory
@@ -238,9 +239,9 @@ def save_multihost(
         part = _write_own_part(coord, run, name, step, leaves, exchange)
         outcome = coord.wait_outcome(exchange)
         if "error" in outcome:
-            if isinstance(part, _format.Part) and not outcome.get("visible"):
-                _format.remove_files(run.storage, directory, part.files)
-            error = _format.VisibleNotDurableError if outcome.get("visible") else PeerError
+            if isinstance(part, Part) and not outcome.get("visible"):
+                _write.remove_files(run.storage, directory, part.files)
+            error = _write.VisibleNotDurableError if outcome.get("visible") else PeerError
             raise error(outcome["error"])
         return
     outcome: dict[str, Any] = {"error": "process 0 failed (see its log)"}
@@ -255,19 +256,19 @@ def save_multihost(
             mine = json.dumps({"name": name, "step": step, "part": part.to_json()})
             received = [json.loads(v) for v in coord.gather(exchange, mine)]
             merged = _checked_parts(run, name, step, leaves, received)
-            body = _format.manifest_body(tree, merged, step, metrics, extra)
+            body = manifest_body(tree, merged, step, metrics, extra)
             coord.check_not_abandoned(exchange)
-            _format.commit(run.storage, directory, _format.manifest_bytes(body), set(merged.files))
+            _write.commit(run.storage, directory, manifest_bytes(body), set(merged.files))
         outcome = {}
         after_commit()  # now no process of this job writes: the others wait for the outcome
-    except _format.VisibleNotDurableError as e:
+    except _write.VisibleNotDurableError as e:
         outcome = {"error": f"process 0: {e}", "visible": True}
         raise
     except BaseException as e:
         if outcome:  # not committed
             outcome = {"error": f"process 0: {e}"}
-            if isinstance(part, _format.Part):
-                _format.remove_files(run.storage, directory, part.files)
+            if isinstance(part, Part):
+                _write.remove_files(run.storage, directory, part.files)
         raise
     finally:
         coord.publish_outcome(exchange, outcome)
@@ -275,15 +276,15 @@ def save_multihost(
 
 def _write_own_part(
     coord: Coordinator, run: RunDirectory, name: str, step: int, leaves: list[Any], exchange: str
-) -> _format.Part | str:
+) -> Part | str:
     """This process's data files; on process 1+ also sent to process 0. Returns the
     part, or on an I/O failure the message sent instead."""
     directory = run.join(name)
     try:
         run.storage.makedirs(directory)
-        tensors = _format.tensors_of_process(leaves, coord.process)
+        tensors = _write.tensors_of_process(leaves, coord.process)
         prefix = f"{secrets.token_hex(8)}-p{coord.process}"
-        part: _format.Part | str = _format.write_part(run.storage, directory, tensors, prefix)
+        part: Part | str = _write.write_part(run.storage, directory, tensors, prefix)
         message = json.dumps({"name": name, "step": step, "part": part.to_json()})
     except OSError as e:
         part = message = json.dumps({"error": f"process {coord.process}: {e}"})
@@ -294,7 +295,7 @@ def _write_own_part(
 
 def _checked_parts(
     run: RunDirectory, name: str, step: int, leaves: list[Any], received: list[dict[str, Any]]
-) -> _format.Part:
+) -> Part:
     """On process 0: every process's part, checked to be of the same save and merged
     into one. Raises ``PeerError`` for a bad or missing part."""
     errors = [r["error"] for r in received if "error" in r]
@@ -309,8 +310,8 @@ def _checked_parts(
             )
     directory = run.join(name)
     try:
-        parts = [_format.Part.from_json(r["part"]) for r in received]
-        merged = _format.merge_parts(parts, leaves, directory)
+        parts = [Part.from_json(r["part"]) for r in received]
+        merged = _write.merge_parts(parts, leaves, directory)
     except ValueError as e:
         raise PeerError(str(e)) from None
     for file, info in merged.files.items():

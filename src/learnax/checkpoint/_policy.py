@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._format import python_scalar
+from ._metrics import python_scalar
 
 
 def is_due(step: int, every: int | None) -> bool:

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from . import _tree
 from ._errors import CheckpointCorruptedError
-from ._format import MANIFEST, read_manifest
+from ._manifest import MANIFEST, read_manifest
 from ._policy import retention_victims
 
 if TYPE_CHECKING:
@@ -267,6 +270,30 @@ class RunDirectory:
             except CheckpointCorruptedError:  # not this one, whatever its step was
                 continue
         return None
+
+    def resolve(self, path_or_index: Any) -> str | None:
+        """The path a user means by ``path_or_index``, as ``load_checkpoint`` takes it: an
+        ``int`` step (``None`` for ``-1``: the newest), a name (``"latest"``,
+        ``"1000"``, ``"step_1000"``) or a path (anything with a separator). Raises
+        ``TypeError`` for other types, ``ValueError`` for a negative step or an unsafe
+        name."""
+        if isinstance(path_or_index, (bool, np.bool_)):
+            raise TypeError("path_or_index must be a step (int) or a name/path (str), not a bool")
+        if isinstance(path_or_index, (int, np.integer)):
+            step = int(path_or_index)
+            if step == -1:
+                return None
+            if step < 0:
+                raise ValueError(f"Step must be >= 0 (or -1 for the latest), got {step}")
+            return self.find_step(step) or self.join(checkpoint_name(step))
+        if isinstance(path_or_index, (str, os.PathLike)):
+            text = os.fspath(path_or_index)
+            if "/" in text or os.sep in text:
+                return text
+            return self.join(checkpoint_name(key_of_name(text)))
+        raise TypeError(
+            f"path_or_index must be an int or a str, got {type(path_or_index).__name__}"
+        )
 
     def legacy_files(self) -> list[str]:
         """The original learnax's pickle checkpoints here (``state_<name>.pyd``)."""

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import _format
+from . import _write
 from ._errors import CheckpointSaveError
 from ._multihost import Coordinator, save_multihost
 from ._run import RunDirectory
@@ -70,7 +70,7 @@ class Saver:
                 e,
             )
             write.error = e
-            if isinstance(e, _format.VisibleNotDurableError) and write.best_value is not None:
+            if isinstance(e, _write.VisibleNotDurableError) and write.best_value is not None:
                 # state_best is the new one now: never let a worse value replace it.
                 self._on_best(write.best_value)
             return None
@@ -97,7 +97,7 @@ class Saver:
             )
             return
         with self.run.storage.lock(self.run.path):
-            _format.write_checkpoint(
+            _write.write_checkpoint(
                 self.run.storage,
                 self.run.join(write.name),
                 tree=tree,

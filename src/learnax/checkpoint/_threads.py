@@ -91,6 +91,20 @@ def run_in_background(fn: Callable[[T], R], items: Sequence[T]) -> Callable[[], 
     return join
 
 
+def split_contiguous(items: list[T], sizes: list[int], min_bytes: int) -> list[list[T]]:
+    """``items`` cut into at most IO_THREADS contiguous runs of about equal total size,
+    each at least ``min_bytes`` (one run for less); empty runs dropped. Order is kept,
+    so that neighbouring bytes stay with one thread."""
+    total = sum(sizes)
+    count = max(1, min(IO_THREADS, total // min_bytes))
+    groups: list[list[T]] = [[] for _ in range(count)]
+    done = 0
+    for item, size in zip(items, sizes, strict=True):
+        groups[min(count - 1, done * count // max(total, 1))].append(item)
+        done += size
+    return [g for g in groups if g]
+
+
 def _run_into(future: Future[R], fn: Callable[[T], R], x: T) -> None:
     try:
         future.set_result(fn(x))

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from . import _tree
 from ._errors import CheckpointCorruptedError
-from ._format import MANIFEST, CheckpointReader, read_consistent, read_manifest
 from ._inspect import checkpoints_under
+from ._manifest import MANIFEST, read_manifest
+from ._read import CheckpointReader, read_consistent
 from ._storage import open_storage
 
 if TYPE_CHECKING:

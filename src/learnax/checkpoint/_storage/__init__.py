@@ -29,9 +29,7 @@ __all__ = [
 ]
 
 
-def open_storage(
-    path: str, storage_options: dict[str, Any] | None = None
-) -> tuple[LocalStorage | FsspecStorage, str]:
+def open_storage(path: str, storage_options: dict[str, Any] | None = None) -> tuple[Storage, str]:
     """The storage for ``path`` and ``path`` as that storage names it: a plain path or a
     ``file://`` (or ``local://``) URL gives :class:`LocalStorage` and a local path; any
     other URL gives :class:`FsspecStorage` (fsspec must be installed, with the
