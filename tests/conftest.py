@@ -1,20 +1,12 @@
-"""Shared fixtures and helpers for the learnax.checkpoint test suite.
+"""Shared fixtures of the learnax.checkpoint test suite (helpers are in helpers.py).
 
-Every test gets its own registry under pytest's ``tmp_path``; helpers here only
-*inspect* what the Checkpointer wrote (they never stand in for it).
+Every test gets its own registry under pytest's ``tmp_path``.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import math
-import os
-import zlib
 from pathlib import Path
 
-import jax
-import numpy as np
 import pytest
 
 from learnax.checkpoint import Checkpointer
@@ -34,142 +26,3 @@ def make_checkpointer(registry):
         return Checkpointer(registry, run_id, **kwargs)
 
     return make
-
-
-def small_state(seed: int = 0) -> dict:
-    """A small train-state-like tree of float32 NumPy arrays."""
-    rng = np.random.default_rng(seed)
-    return {
-        "params": {
-            "w": rng.standard_normal((3, 4)).astype(np.float32),
-            "b": rng.standard_normal((4,)).astype(np.float32),
-        },
-        "opt_state": {"mu": rng.standard_normal((3, 4)).astype(np.float32)},
-    }
-
-
-def identity(tree):
-    """A prepare_fn that hands the state to the writer untouched."""
-    return tree
-
-
-def is_typed_key_array(x) -> bool:
-    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def assert_leaf_equal(expected, actual, path: str = "") -> None:
-    """Bit-exact comparison of one leaf (arrays, typed keys, Python scalars)."""
-    where = f" at {path}" if path else ""
-    if is_typed_key_array(expected):
-        assert is_typed_key_array(actual), f"expected a typed key array{where}"
-        assert str(jax.random.key_impl(actual)) == str(jax.random.key_impl(expected))
-        np.testing.assert_array_equal(
-            np.asarray(jax.random.key_data(actual)),
-            np.asarray(jax.random.key_data(expected)),
-        )
-        return
-    if isinstance(expected, (np.ndarray, np.generic, jax.Array)):
-        expected = np.asarray(expected)
-        actual_np = np.asarray(actual)
-        assert actual_np.dtype == expected.dtype, f"dtype{where}"
-        assert actual_np.shape == expected.shape, f"shape{where}"
-        assert actual_np.tobytes() == expected.tobytes(), f"bytes{where}"
-        return
-    assert type(actual) is type(expected), f"type{where}: {type(actual)}"
-    if isinstance(expected, float) and math.isnan(expected):
-        assert math.isnan(actual), f"value{where}"
-    else:
-        assert actual == expected, f"value{where}"
-
-
-def assert_tree_equal(expected, actual) -> None:
-    """Same pytree structure (node classes, dict keys) and bit-identical leaves."""
-    assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected)
-    expected_leaves = jax.tree_util.tree_flatten_with_path(expected)[0]
-    actual_leaves = jax.tree_util.tree_leaves(actual)
-    assert len(actual_leaves) == len(expected_leaves)
-    for (path, exp), act in zip(expected_leaves, actual_leaves, strict=True):
-        assert_leaf_equal(exp, act, jax.tree_util.keystr(path))
-
-
-def is_lock_file(name: str) -> bool:
-    """The checkpoint directory's lock file (``.lock`` in the spec)."""
-    return name.startswith(".") and name.endswith("lock")
-
-
-def checkpoint_dir_entries(checkpoint_dir) -> set[str]:
-    """Names in a run's checkpoint directory, leaving out its lock file."""
-    return {n for n in os.listdir(checkpoint_dir) if not is_lock_file(n)}
-
-
-def checkpoint_files(checkpoint_path: str | os.PathLike) -> list[Path]:
-    """The safetensors data files of one checkpoint directory, sorted by name."""
-    return sorted(Path(checkpoint_path).glob("*.safetensors"))
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    """XOR one byte of a file with 0x01 (offset may be negative: from the end)."""
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
-def read_manifest_file(checkpoint_path) -> tuple[str, int, int]:
-    """(text of manifest.json, start, end) where text[start:end] is the manifest value."""
-    text = (Path(checkpoint_path) / "manifest.json").read_text(encoding="utf-8")
-    key = text.index('"manifest"')
-    start = text.index(":", key + len('"manifest"')) + 1
-    while text[start].isspace():
-        start += 1
-    _, end = json.JSONDecoder().raw_decode(text, start)
-    return text, start, end
-
-
-def rewrite_manifest_text(checkpoint_path, edit) -> None:
-    """Replace the manifest value by ``edit(its_text)`` and write manifest.json back
-    with a *valid* checksum, so that only the loader's own checks can refuse it."""
-    text, start, end = read_manifest_file(checkpoint_path)
-    body = edit(text[start:end])
-    old_checksum = json.loads(text)["checksum"]
-    new_checksum = "crc32:%08x" % (zlib.crc32(body.encode("utf-8")) & 0xFFFFFFFF)
-    new_text = (text[:start] + body + text[end:]).replace(old_checksum, new_checksum)
-    (Path(checkpoint_path) / "manifest.json").write_text(new_text, encoding="utf-8")
-
-
-def rewrite_manifest(checkpoint_path, mutate) -> None:
-    """Apply ``mutate(manifest_dict)`` and write it back with a valid checksum: a
-    well-formed but hostile manifest."""
-
-    def edit(body: str) -> str:
-        manifest = json.loads(body)
-        mutate(manifest)
-        return json.dumps(manifest)
-
-    rewrite_manifest_text(checkpoint_path, edit)
-
-
-def tree_listing(root) -> list[tuple[str, int, int]]:
-    """Every entry under root with its size and mtime_ns: a fingerprint of the disk."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            out.append((os.path.relpath(p, root), st.st_size, st.st_mtime_ns))
-    return sorted(out)
-
-
-def numbered_steps(ckpt: Checkpointer) -> list[int]:
-    """The steps of the numbered checkpoints ``list_available_checkpoints`` reports."""
-    return [
-        int(key[len("step_") :])
-        for key in ckpt.list_available_checkpoints()
-        if key.startswith("step_")
-    ]
-
-
-def learnax_errors(caplog) -> list[logging.LogRecord]:
-    """Records at WARNING or above that the library logged on the ``learnax`` logger."""
-    return [
-        r for r in caplog.records if r.name.startswith("learnax") and r.levelno >= logging.WARNING
-    ]

@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
-from conftest import assert_tree_equal, learnax_errors, numbered_steps, small_state
+from helpers import assert_tree_equal, learnax_errors, numbered_steps, small_state
 
 import learnax
 from learnax.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError

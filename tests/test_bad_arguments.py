@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import is_lock_file, small_state, tree_listing
+from helpers import is_lock_file, small_state, tree_listing
 
 
 def disk(ckpt) -> list:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors
-from conftest import checkpoint_files, read_manifest_file, small_state
+from helpers import checkpoint_files, read_manifest_file, small_state
 
 
 def saved_path(make_checkpointer, state=None, step=1000, **save_kwargs) -> Path:

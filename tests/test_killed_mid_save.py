@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_tree_equal, is_lock_file, numbered_steps
+from helpers import assert_tree_equal, is_lock_file, numbered_steps
 
 import learnax
 from learnax.checkpoint import Checkpointer

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_tree_equal, checkpoint_dir_entries
+from helpers import assert_tree_equal, checkpoint_dir_entries
 from multihost_worker import (
     LEAVES,
     RUN,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import pytest
-from conftest import small_state, tree_listing
+from helpers import small_state, tree_listing
 
 
 class CountingPrepare:

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_tree_equal, small_state
+from helpers import assert_tree_equal, small_state
 
 from learnax.checkpoint import Checkpointer
 

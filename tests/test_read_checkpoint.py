@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_tree_equal, checkpoint_files, flip_byte, small_state
+from helpers import assert_tree_equal, checkpoint_files, flip_byte, small_state
 
 from learnax.checkpoint import CheckpointCorruptedError, convert
 from learnax.checkpoint._read import read_checkpoint

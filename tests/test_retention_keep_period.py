@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
-from conftest import assert_tree_equal, numbered_steps, small_state
+from helpers import assert_tree_equal, numbered_steps, small_state
 
 from learnax.checkpoint import Checkpointer
 

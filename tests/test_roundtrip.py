@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
-from conftest import assert_tree_equal, identity, is_typed_key_array
+from helpers import assert_tree_equal, identity, is_typed_key_array
 
 
 class Pair(NamedTuple):

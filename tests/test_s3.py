@@ -38,7 +38,7 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
-from conftest import (
+from helpers import (
     assert_tree_equal,
     checkpoint_dir_entries,
     is_lock_file,

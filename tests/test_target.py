@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_tree_equal, small_state
 from flax.training import train_state
+from helpers import assert_tree_equal, small_state
 
 
 class TrainState(NamedTuple):

@@ -13,7 +13,7 @@ import textwrap
 import threading
 
 import numpy as np
-from conftest import assert_tree_equal
+from helpers import assert_tree_equal
 
 from learnax.checkpoint import Checkpointer
 

@@ -1,7 +1,7 @@
 """Hostile checkpoints: files crafted to crash, exhaust or take over the loading process.
 
 Every case starts from a real checkpoint and edits it the way an attacker who can write
-to the registry would: the manifest is rewritten with a *valid* checksum (conftest's
+to the registry would: the manifest is rewritten with a *valid* checksum (helpers.py's
 ``rewrite_manifest``), and a rewritten safetensors file comes with a manifest that
 records its new size and header checksum, so that only the loader's own checks stand
 between the file and the process. For each case the load raises a clear
@@ -32,7 +32,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import (
+from helpers import (
     assert_tree_equal,
     checkpoint_files,
     rewrite_manifest,
@@ -46,7 +46,7 @@ from learnax.checkpoint import (
     LegacyPickleError,
 )
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parents[1]  # tests/, where helpers.py is
 
 
 def saved(make_checkpointer, state=None, step=1, **kwargs):
@@ -843,7 +843,7 @@ RECURSION_BOMBS = textwrap.dedent(
     import json, sys, warnings, zlib
     from pathlib import Path
     import numpy as np
-    from conftest import checkpoint_files, rewrite_manifest, rewrite_manifest_text
+    from helpers import checkpoint_files, rewrite_manifest, rewrite_manifest_text
     from learnax.checkpoint import Checkpointer, CheckpointCorruptedError
 
     registry, depth, limit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -1041,7 +1041,7 @@ LIMITED_MEMORY = textwrap.dedent(
     import json, resource, sys, zlib
     from pathlib import Path
     import numpy as np
-    from conftest import checkpoint_files, rewrite_manifest
+    from helpers import checkpoint_files, rewrite_manifest
     from learnax.checkpoint import Checkpointer, CheckpointCorruptedError
 
     registry, cases = sys.argv[1], sys.argv[2].split(",")

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (
+from helpers import (
     assert_tree_equal,
     checkpoint_dir_entries,
     learnax_errors,

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import assert_tree_equal, checkpoint_dir_entries, learnax_errors, small_state
+from helpers import assert_tree_equal, checkpoint_dir_entries, learnax_errors, small_state
 
 from learnax.checkpoint import Checkpointer
 

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
-from conftest import (
+from helpers import (
     assert_tree_equal,
     checkpoint_dir_entries,
     checkpoint_files,

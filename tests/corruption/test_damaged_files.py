@@ -23,7 +23,7 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import assert_tree_equal, checkpoint_files, read_manifest_file
+from helpers import assert_tree_equal, checkpoint_files, read_manifest_file
 
 from learnax.checkpoint import CheckpointCorruptedError, Checkpointer
 
