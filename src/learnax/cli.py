@@ -223,48 +223,49 @@ def cmd_ls(args: argparse.Namespace) -> int:
         rows = [
             _checkpoint_row(c) for c in list_checkpoints(path, storage_options=args.storage_options)
         ]
-        if args.json:
-            _print_json({"path": path, "checkpoints": rows})
-            return 0
-        _print_table(
-            ["name", "step", "time", "size", "metrics", "status"],
+        headers = ["name", "step", "time", "size", "metrics", "status"]
+        cells = [
             [
-                [
-                    r["name"],
-                    _or_dash(r["step"]),
-                    _when(r["time"]),
-                    _size(r["bytes"]),
-                    _metrics(r["metrics"]),
-                    r["status"],
-                ]
-                for r in rows
-            ],
-        )
-        if not rows:
-            print(f"(no checkpoints in {path})")
-        return 0
-    runs = [_run_row(r) for r in list_runs(path, storage_options=args.storage_options)]
-    if args.json:
-        _print_json({"path": path, "runs": runs})
-        return 0
-    _print_table(
-        ["run", "checkpoints", "newest step", "best", "size", "last write"],
-        [
-            [
-                r["run"],
-                str(r["checkpoints"]),
-                _or_dash(r["newest_step"]),
-                "-"
-                if r["best"] is None
-                else f"{r['best']['metric']}={_number(r['best']['value'])}",
+                r["name"],
+                _or_dash(r["step"]),
+                _when(r["time"]),
                 _size(r["bytes"]),
-                _when(r["last_write"]),
+                _metrics(r["metrics"]),
+                r["status"],
             ]
-            for r in runs
-        ],
-    )
-    if not runs:
-        print(f"(no runs in {path})")
+            for r in rows
+        ]
+        return _listing(args, {"path": path, "checkpoints": rows}, headers, cells, "checkpoints")
+    rows = [_run_row(r) for r in list_runs(path, storage_options=args.storage_options)]
+    headers = ["run", "checkpoints", "newest step", "best", "size", "last write"]
+    cells = [
+        [
+            r["run"],
+            str(r["checkpoints"]),
+            _or_dash(r["newest_step"]),
+            "-" if r["best"] is None else f"{r['best']['metric']}={_number(r['best']['value'])}",
+            _size(r["bytes"]),
+            _when(r["last_write"]),
+        ]
+        for r in rows
+    ]
+    return _listing(args, {"path": path, "runs": rows}, headers, cells, "runs")
+
+
+def _listing(
+    args: argparse.Namespace,
+    as_json: dict[str, Any],
+    headers: list[str],
+    cells: list[list[str]],
+    what: str,
+) -> int:
+    """Print a listing as JSON (``--json``) or as a table, saying so when it is empty."""
+    if args.json:
+        _print_json(as_json)
+        return 0
+    _print_table(headers, cells)
+    if not cells:
+        print(f"(no {what} in {as_json['path']})")
     return 0
 
 
