@@ -434,6 +434,24 @@ class Worker:
                 {"step": step, "saved": saved, "best_metric_value": ckpt.best_metric_value}
             )
 
+    def scenario_same_run_id_twice(self):
+        """Two Checkpointers with one run id, in two registries, and a third on the same
+        run as the first: their exchanges never share keys, so every save commits."""
+        jax = self.start_jax()
+        from learnax.checkpoint import Checkpointer
+
+        mesh = self.mesh((2, 2), ("x", "y"))
+        state = self.global_state(mesh, seed=1, step=1)
+        jax.block_until_ready(state)
+        policy = {"save_every": 1, "checkpoint_every": 2, "multihost_timeout": 10}
+        first = Checkpointer(self.params["registry"], RUN, **policy)
+        other = Checkpointer(self.params["registry"] + "-other", RUN, **policy)
+        again = Checkpointer(self.params["registry"], RUN, **policy)
+        self.result["saved"] = [
+            [ckpt.maybe_save_checkpoints(state, step) for ckpt in (first, other, again)]
+            for step in (1, 2)
+        ]
+
     def scenario_slow_commit(self):
         """Process 0 takes longer than the others wait: they give up, and process 0
         then refuses to commit, so every process returns None."""

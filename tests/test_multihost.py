@@ -760,6 +760,29 @@ def test_calls_made_by_one_process_only_fail_alone_and_later_calls_line_up(tmp_p
     assert ckpt.load_latest()["step"] == 3
 
 
+def test_checkpointers_of_one_run_id_never_share_coordination_keys(tmp_path):
+    """Two registries holding a run of the same id, and a second Checkpointer on one of
+    them, in one job: every save of each commits (keys are per Checkpointer, not per
+    run id), and the processes agree on every path."""
+    registry = str(tmp_path / "registry")
+    run = launch(
+        "same_run_id_twice",
+        tmp_path / "out",
+        processes=2,
+        devices=2,
+        params={"registry": registry},
+        timeout=120,
+    )
+    results = run.check()
+    assert results[0]["saved"] == results[1]["saved"], run.report()
+    for per_step, step in zip(results[0]["saved"], (1, 2), strict=True):
+        for saved in per_step:
+            assert saved.get("latest"), run.report()
+            assert ("numbered" in saved) == (step == 2), run.report()
+    for reg in (registry, registry + "-other"):
+        assert Checkpointer(reg, RUN).load_latest()["step"] == 2
+
+
 def test_a_process_0_slower_than_the_others_wait_commits_nothing(tmp_path):
     """Process 1 gives up waiting for process 0's word; process 0 sees that before it
     commits, so both return None and no checkpoint appears (never one process with a

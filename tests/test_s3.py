@@ -76,13 +76,6 @@ CHILD_TIMEOUT = 120.0  # seconds a child process may take: a hang guard
 # --- the server and a bucket per test ---------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def moto_server():
-    server = MotoServer().start()
-    yield server
-    server.close()
-
-
 @dataclasses.dataclass
 class Bucket:
     """A fresh bucket on the server, with clients of the test's own to inspect it."""

@@ -35,7 +35,7 @@ def fake_fs(protocol: str = "memory") -> types.SimpleNamespace:
 
 def test_the_protocols_list_operations():
     assert "write_durable" in operations(Storage) and "lock" in operations(Storage)
-    assert operations(ReadFile) == ["readinto", "close"]
+    assert operations(ReadFile) == ["readinto", "size", "close"]
 
 
 @pytest.mark.parametrize("storage", [LocalStorage(), FsspecStorage(fake_fs())], ids=type)
@@ -61,7 +61,7 @@ def test_each_read_handle_is_a_read_file(tmp_path):
         assert isinstance(local, ReadFile)
     finally:
         local.close()
-    assert isinstance(FsspecReadFile(fake_fs(), "memory://data"), ReadFile)
+    assert isinstance(FsspecReadFile(fake_fs(), "memory://data", 3), ReadFile)
 
 
 @pytest.mark.parametrize("operation", operations(Storage))

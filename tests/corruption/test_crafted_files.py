@@ -1087,7 +1087,7 @@ LIMITED_MEMORY = textwrap.dedent(
         rewrite_manifest(path, mutate)
 
     CRAFTS = {
-        "header-length-2**62": header_length,
+        "header-length-2pow62": header_length,
         "shape-and-size-claiming-16-TiB": huge_shape_and_size,
         "header-shape-and-offsets-claiming-16-TiB": huge_header_shape,
         "16-MiB-array-referenced-64-times": repeated,
@@ -1116,7 +1116,7 @@ LIMITED_MEMORY = textwrap.dedent(
 )
 
 MEMORY_CASES = [
-    "header-length-2**62",
+    "header-length-2pow62",
     "shape-and-size-claiming-16-TiB",
     "header-shape-and-offsets-claiming-16-TiB",
     "16-MiB-array-referenced-64-times",

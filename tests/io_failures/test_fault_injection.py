@@ -592,14 +592,18 @@ def test_failed_listing_after_the_commit_keeps_the_new_latest_whole(registry, mo
 def test_failed_listing_during_retention_only_warns(registry, monkeypatch, caplog):
     ckpt = Checkpointer(registry, "run", max_to_keep=1)
     ckpt.save_checkpoint(small_state(1), step=1)
-    real_listdir = os.listdir
+    real_listdir, real_scandir = os.listdir, os.scandir
 
-    def failing_listdir(path="."):
-        if os.fspath(path) == ckpt.checkpoint_dir:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        return real_listdir(path)
+    def failing(real):
+        def listing(path="."):
+            if os.fspath(path) == ckpt.checkpoint_dir:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return real(path)
 
-    monkeypatch.setattr(os, "listdir", failing_listdir)
+        return listing
+
+    monkeypatch.setattr(os, "listdir", failing(real_listdir))
+    monkeypatch.setattr(os, "scandir", failing(real_scandir))
     with caplog.at_level(logging.WARNING, logger="learnax"):
         assert ckpt.save_checkpoint(small_state(2), step=2) is not None
     monkeypatch.undo()

@@ -31,6 +31,8 @@ from ._threads import gc_paused
 
 logger = logging.getLogger("learnax")
 
+_RELISTS = 3
+
 
 class Checkpointer:
     """Saves and restores the checkpoints of one training run.
@@ -141,7 +143,10 @@ class Checkpointer:
         self._saver = Saver(
             self._run, self._coord, on_best=self._best.committed, retain=self._retain
         )
-        self._storage.makedirs(self.checkpoint_dir)
+        try:
+            self._storage.makedirs(self.checkpoint_dir)
+        except OSError as e:  # a read-only registry (an evaluation job on a frozen copy)
+            logger.warning("Cannot create %s (%s): saves will fail", self.checkpoint_dir, e)
         if self._coord is None:
             self._run.clean_leftovers()
         self._best.restore()
@@ -490,6 +495,22 @@ class Checkpointer:
         start = 0 if restored is None else restored["step"] + 1
         ```
         """
+        # A checkpoint listed but gone when read was deleted by a live run's retention,
+        # which committed a newer one first: list again (a few times at most).
+        for _ in range(_RELISTS):
+            loaded, vanished = self._load_newest(target)
+            if loaded is not None or not vanished:
+                break
+        if loaded is not None:
+            return loaded
+        return _legacy.load_newest_legacy(
+            self._storage, self.checkpoint_dir, self._run.legacy_files(), allow_pickle
+        )
+
+    def _load_newest(self, target: Any) -> tuple[LoadedCheckpoint | None, bool]:
+        """The newest checkpoint that verifies, damaged ones skipped with a warning; and
+        whether one listed had vanished by the time it was read."""
+        vanished = False
         for name in self._run.newest_first():
             directory = self._run.join(name)
             try:
@@ -497,13 +518,12 @@ class Checkpointer:
             except CheckpointCorruptedError as e:
                 message = f"Skipping damaged checkpoint {directory}: {e}"
                 logger.warning(message)
-                warnings.warn(message, stacklevel=2)
+                warnings.warn(message, stacklevel=3)
                 continue
             if loaded is not None:
-                return loaded
-        return _legacy.load_newest_legacy(
-            self._storage, self.checkpoint_dir, self._run.legacy_files(), allow_pickle
-        )
+                return loaded, vanished
+            vanished = True
+        return None, vanished
 
     def load_best(
         self, *, target: Any = None, allow_pickle: bool = False
@@ -526,6 +546,10 @@ class Checkpointer:
         return self._read(path, target)
 
     def _read(self, directory: str, target: Any) -> LoadedCheckpoint | None:
+        parent, name = self._storage.dirname(directory), directory.rstrip("/").rpartition("/")[2]
+        if parent == self.checkpoint_dir and self._run.is_foreign(name):
+            logger.warning("Not loading %s: a link or a file learnax did not make", directory)
+            return None
         try:
             return read_checkpoint(self._storage, directory, target)
         except FileNotFoundError:

@@ -3,6 +3,7 @@ changed kind, and by how much the values of the others differ."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -31,13 +32,25 @@ def diff(a: str, b: str, *, storage_options: dict[str, Any] | None = None) -> di
     """
     storage_a, a = open_storage(str(a), storage_options)
     storage_b, b = open_storage(str(b), storage_options)
-    sides = []
-    for storage, path in ((storage_a, a), (storage_b, b)):
-        manifest = read_manifest(storage, path)
-        reader = CheckpointReader(storage, path, manifest, keys_as_data=True)
-        leaves = {leaf.keys: (leaf, node) for leaf, node in leaves_of(storage, path, manifest)}
-        sides.append((reader, leaves))
-    (reader_a, leaves_a), (reader_b, leaves_b) = sides
+    with contextlib.ExitStack() as stack:
+        sides = []
+        for storage, path in ((storage_a, a), (storage_b, b)):
+            manifest = read_manifest(storage, path)
+            reader = stack.enter_context(
+                CheckpointReader(storage, path, manifest, keys_as_data=True)
+            )
+            leaves = {leaf.keys: (leaf, node) for leaf, node in leaves_of(storage, path, manifest)}
+            sides.append((reader, leaves))
+        return _compare(*sides[0], *sides[1])
+
+
+def _compare(
+    reader_a: CheckpointReader,
+    leaves_a: dict[Any, Any],
+    reader_b: CheckpointReader,
+    leaves_b: dict[Any, Any],
+) -> dict[str, Any]:
+    """The differences of two checkpoints, leaf by leaf (see :func:`diff`)."""
     out: dict[str, Any] = {
         "added": [leaf.path for k, (leaf, _) in leaves_b.items() if k not in leaves_a],
         "removed": [leaf.path for k, (leaf, _) in leaves_a.items() if k not in leaves_b],

@@ -333,7 +333,7 @@ def _files_problem(storage: Storage, path: str) -> str | None:
     """A data file missing, of the wrong size or with a damaged header. A checkpoint
     replaced meanwhile by a live run is read again."""
     try:
-        read_consistent(storage, path, lambda m: CheckpointReader(storage, path, m).check_files())
+        read_consistent(storage, path, CheckpointReader.check_files)
     except CheckpointCorruptedError as e:
         return str(e)
     return None

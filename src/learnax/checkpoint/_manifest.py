@@ -24,7 +24,7 @@ import numpy as np
 from . import _tree
 from ._dtypes import dtype_from_name
 from ._errors import CheckpointCorruptedError
-from ._storage import Storage
+from ._storage import Storage, UnsafeFileError
 
 # /2: tensors over CRC_BLOCK bytes carry a checksum per block (a list), so that older
 # readers, which would take such a list for damage, refuse the format by name instead.
@@ -37,7 +37,11 @@ _MANIFEST_PREFIX = re.compile(rb'\A\{"checksum":"crc32:([0-9a-f]{8})","manifest"
 _MANIFEST_SUFFIX = b"}\n"
 _DATA_FILE = re.compile(r"\Adata-[A-Za-z0-9_-]{1,64}\.safetensors\Z")
 _PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
-_MAX_MANIFEST = 1 << 30
+# A manifest of 100,000 leaves is about 25 MB and 1.2 million JSON values; the caps
+# leave room above that, and bound what parsing a crafted file can allocate (Python
+# objects of about 100 bytes per value at worst: some 300 MB).
+_MAX_MANIFEST = 128 << 20
+_MAX_JSON_VALUES = 3_000_000
 # Trees are at most _tree.MAX_DEPTH deep; JSON a little more (manifest framing).
 _MAX_JSON_DEPTH = 2 * _tree.MAX_DEPTH + 16
 _SAFE_RECURSION_LIMIT = 5_000
@@ -105,7 +109,10 @@ def read_manifest(storage: Storage, directory: str) -> dict[str, Any]:
     and ``CheckpointCorruptedError`` when it fails verification.
     """
     path = storage.join(directory, MANIFEST)
-    raw = storage.read_bytes(path, _MAX_MANIFEST)
+    try:
+        raw = storage.read_bytes(path, _MAX_MANIFEST)
+    except UnsafeFileError as e:
+        raise CheckpointCorruptedError(f"{path}: {e.strerror}") from None
     match = _MANIFEST_PREFIX.match(raw)
     if match is None or not raw.endswith(_MANIFEST_SUFFIX):
         raise CheckpointCorruptedError(f"{path}: not a learnax manifest (bad framing)")
@@ -118,11 +125,18 @@ def read_manifest(storage: Storage, directory: str) -> dict[str, Any]:
 
 
 def parse_json(raw: bytes, what: str) -> Any:
-    """JSON from a file, refusing duplicate keys and nesting too deep to rebuild.
+    """JSON from a file, refusing duplicate keys, more values than a checkpoint needs
+    (what parsing allocates grows with their number, not the file's size) and nesting
+    too deep to rebuild.
 
     The C parser guards its recursion with Python's recursion limit; a process that
     raised the limit far could overflow the C stack on a crafted file (seen at 99,000
     levels), so then the nesting depth is measured first, without recursing."""
+    # Every value but the first follows a ',' or ':' or opens a container: an upper
+    # bound (separators inside strings count too), counted at memory speed.
+    values = raw.count(b",") + raw.count(b":") + raw.count(b"[") + raw.count(b"{")
+    if values > _MAX_JSON_VALUES:
+        raise CheckpointCorruptedError(f"{what} (more than {_MAX_JSON_VALUES} values)")
     if sys.getrecursionlimit() > _SAFE_RECURSION_LIMIT and _nesting_depth(raw) > _MAX_JSON_DEPTH:
         raise CheckpointCorruptedError(f"{what} (nested deeper than {_MAX_JSON_DEPTH} levels)")
     try:
@@ -207,7 +221,10 @@ def check_array_entry(
         raise bad("no shards")
     for s in shards:
         if not (
-            isinstance(s, dict) and s.get("file") in files and isinstance(s.get("tensor"), str)
+            isinstance(s, dict)
+            and isinstance(s.get("file"), str)
+            and s["file"] in files
+            and isinstance(s.get("tensor"), str)
         ):
             raise bad(f"invalid shard {s!r:.200}")
         if not _is_checksum(s.get("crc32")):

@@ -65,6 +65,18 @@ class PeerError(OSError):
     """Another process of the run did not do its part in time, or failed it."""
 
 
+_instances: collections.Counter[str] = collections.Counter()
+_instances_lock = threading.Lock()
+
+
+def _instance_number(run_key: str) -> int:
+    """How many Checkpointers of this run id took a number in this process before."""
+    with _instances_lock:
+        n = _instances[run_key]
+        _instances[run_key] += 1
+    return n
+
+
 class Coordinator:
     """Key-value exchanges among the processes, for one Checkpointer.
 
@@ -86,8 +98,14 @@ class Coordinator:
         self.count = jax.process_count()
         self.timeout = timeout
         # Keyed by run, not by path: the same run may sit at different paths on
-        # different hosts (a mistake that the commit then reports clearly).
-        self._prefix = f"learnax/{zlib.crc32(run_id.encode()):08x}"
+        # different hosts (a mistake that the commit then reports clearly); and by the
+        # Checkpointer's number among those of this run id in the process, taken at its
+        # first exchange, so that two Checkpointers of one run id (in two registries,
+        # or twice in one) never share keys. Every process makes the same collective
+        # calls in the same order, so they agree on the number; a Checkpointer that
+        # only loads (made on one process alone) never takes one.
+        self._run_key = f"{zlib.crc32(run_id.encode()):08x}"
+        self._prefix = ""
         self._repeats: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._used: list[str] = []  # on process 0: keys of exchanges that may still exist
         self._lock = threading.Lock()
@@ -100,6 +118,8 @@ class Coordinator:
         """The key of the exchange for ``call``; the same on every process that makes
         the same calls."""
         with self._lock:
+            if not self._prefix:
+                self._prefix = f"learnax/{self._run_key}/{_instance_number(self._run_key)}"
             n = self._repeats.pop(call, 0)
             self._repeats[call] = n + 1
             if len(self._repeats) > _REMEMBERED_CALLS:  # repeats come close together
@@ -281,6 +301,7 @@ def _write_own_part(
     part, or on an I/O failure the message sent instead."""
     directory = run.join(name)
     try:
+        _write.writable_checkpoint_dir(run.storage, directory)
         run.storage.makedirs(directory)
         tensors = _write.tensors_of_process(leaves, coord.process)
         prefix = f"{secrets.token_hex(8)}-p{coord.process}"

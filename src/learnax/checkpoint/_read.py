@@ -25,11 +25,14 @@ from ._errors import CheckpointCorruptedError
 from ._manifest import CRC_BLOCK, MANIFEST, check_array_entry, read_manifest, shard_bounds
 from ._metrics import decode_metrics
 from ._safetensors import read_into, read_safetensors_header
-from ._storage import ReadFile, Storage
+from ._storage import ReadFile, Storage, UnsafeFileError
 from ._target import restore_into_target
 from ._threads import gc_paused, parallel_map, split_contiguous
 
 T = TypeVar("T")
+# Each attempt of read_consistent means a save committed meanwhile, and ran past the
+# grace time of the files read: more than a few in a row is no longer a race.
+_ATTEMPTS = 5
 # Reads are spread over the I/O threads in runs at least this large (as the writer
 # splits data files: _write.MIN_FILE_BYTES).
 _MIN_READ_BYTES = 64 << 20
@@ -56,15 +59,11 @@ def read_checkpoint(storage: Storage, directory: str, target: Any = None) -> Loa
     ``CheckpointCorruptedError`` when it fails verification and ``ValueError`` when it
     does not fit ``target``.
     """
-    return read_consistent(
-        storage, directory, lambda manifest: _read_state(storage, directory, manifest, target)
-    )
+    return read_consistent(storage, directory, lambda reader: _read_state(reader, target))
 
 
-def _read_state(
-    storage: Storage, directory: str, manifest: dict[str, Any], target: Any
-) -> LoadedCheckpoint:
-    reader = CheckpointReader(storage, directory, manifest)
+def _read_state(reader: CheckpointReader, target: Any) -> LoadedCheckpoint:
+    storage, directory, manifest = reader.storage, reader.directory, reader.manifest
 
     def read_nodes(nodes: list[Any]) -> list[Any]:
         reader.prefetch([name for node in nodes for name in _tree.array_names(node)])
@@ -87,33 +86,52 @@ def _read_state(
     }
 
 
-def read_consistent(storage: Storage, directory: str, work: Callable[[dict[str, Any]], T]) -> T:
-    """``work(manifest)`` on the committed manifest of the checkpoint in ``directory``.
+def read_consistent(
+    storage: Storage,
+    directory: str,
+    work: Callable[[CheckpointReader], T],
+    *,
+    keys_as_data: bool = False,
+) -> T:
+    """``work(reader)`` on the committed checkpoint in ``directory``, with a reader whose
+    data files are all open already.
 
-    A save that replaces the checkpoint meanwhile (a new manifest, then the old data
-    files removed) makes ``work`` fail on files that are gone: then it runs again on
-    the new manifest, up to three times. Raises ``FileNotFoundError`` when there is no
-    manifest (also when the checkpoint was deleted meanwhile), and what ``work`` raised
-    when the manifest did not change: a data file missing under an unchanged manifest
-    is damage (``CheckpointCorruptedError``).
+    A live run may replace the checkpoint while it is read: a save commits a new
+    manifest, and the data files of the old one are removed a grace time later
+    (``_write.SUPERSEDED_GRACE_S``). Opening every data file right after reading the
+    manifest pins them (on a local disk an open file stays readable once removed), so
+    a reader sees the old checkpoint or the new one whole. Only a reader that stalled
+    longer than the grace time between the manifest and its files, or an object-store
+    read still running when the files are removed, finds one gone: then the manifest
+    has changed, and it starts again on the new one. A file missing under a manifest
+    that did not change is damage.
+
+    Raises ``FileNotFoundError`` when there is no manifest (also when the checkpoint was
+    deleted meanwhile) and ``CheckpointCorruptedError`` when it fails verification.
     """
-    for attempt in range(3):
+    for _ in range(_ATTEMPTS):
         manifest = read_manifest(storage, directory)
+        reader = CheckpointReader(storage, directory, manifest, keys_as_data=keys_as_data)
         try:
-            return work(manifest)
-        except (CheckpointCorruptedError, FileNotFoundError) as e:
-            try:
-                changed = read_manifest(storage, directory) != manifest
-            except FileNotFoundError:
-                raise  # deleted meanwhile
-            except (OSError, CheckpointCorruptedError):
-                changed = False
-            if changed and attempt < 2:
-                continue
-            if isinstance(e, FileNotFoundError):
-                raise CheckpointCorruptedError(f"{directory}: {e}") from e
-            raise
-    raise AssertionError("unreachable")
+            reader.open_files()
+            return work(reader)
+        except CheckpointCorruptedError:
+            if not _replaced(storage, directory, manifest):
+                raise
+        finally:
+            reader.close()
+    raise CheckpointCorruptedError(
+        f"{directory}: replaced {_ATTEMPTS} times while being read; try again"
+    )
+
+
+def _replaced(storage: Storage, directory: str, manifest: dict[str, Any]) -> bool:
+    """Whether the checkpoint in ``directory`` has another manifest than ``manifest`` now
+    (``FileNotFoundError`` when it has none: it was deleted)."""
+    try:
+        return read_manifest(storage, directory) != manifest
+    except CheckpointCorruptedError:
+        return False
 
 
 @dataclass
@@ -153,6 +171,47 @@ class CheckpointReader:
         self._arrays: dict[str, Any] = {}
         self._handed_out: set[str] = set()
         self._region_cache: dict[str, list[tuple[slice, ...]]] = {}
+        self._files: dict[str, ReadFile] = {}
+
+    def open_files(self) -> None:
+        """Open every data file the manifest names, and check its size: from here on,
+        the bytes read are the ones this manifest describes, even if a save replaces
+        the checkpoint meanwhile. ``CheckpointCorruptedError`` for a file missing, of
+        another size, or not a regular file."""
+        for file in self.manifest["files"]:
+            self._file(file)
+
+    def close(self) -> None:
+        """Close the data files; the reader reads nothing more."""
+        files, self._files = self._files, {}
+        for f in files.values():
+            f.close()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _file(self, file: str) -> ReadFile:
+        """Data file ``file``, opened (once) and checked against its size in the manifest."""
+        if file in self._files:
+            return self._files[file]
+        path = self.storage.join(self.directory, file)
+        try:
+            f = self.storage.open_read(path)
+        except FileNotFoundError:
+            raise CheckpointCorruptedError(f"{path}: data file is missing") from None
+        except UnsafeFileError as e:
+            raise CheckpointCorruptedError(f"{path}: {e.strerror}") from None
+        expected = self.manifest["files"][file]["bytes"]
+        if f.size() != expected:
+            f.close()
+            raise CheckpointCorruptedError(
+                f"{path}: size is {f.size()} bytes, the manifest says {expected} (truncated?)"
+            )
+        self._files[file] = f
+        return f
 
     def array(self, name: str) -> Any:
         """The array called ``name``: a numpy array, a numpy scalar or a typed PRNG key.
@@ -349,49 +408,33 @@ class CheckpointReader:
         parallel_map(self._read_group, _split_reads(reads))
 
     def _read_group(self, reads: list[_Read]) -> None:
-        files: dict[str, ReadFile] = {}
-        try:
-            i = 0
-            while i < len(reads):
-                # Neighbouring tensors of one file are read with one call.
-                j = i + 1
-                while (
-                    j < len(reads)
-                    and j - i < 512
-                    and reads[j].file == reads[i].file
-                    and reads[j].offset == reads[j - 1].offset + reads[j - 1].view.nbytes
-                ):
-                    j += 1
-                file = reads[i].file
-                path = self.storage.join(self.directory, file)
-                if file not in files:
-                    files[file] = self.storage.open_read(path)
-                read_into(files[file], [r.view for r in reads[i:j]], reads[i].offset, path)
-                for r in reads[i:j]:
-                    _verify(r, path)
-                i = j
-        finally:
-            for f in files.values():
-                f.close()
+        i = 0
+        while i < len(reads):
+            # Neighbouring tensors of one file are read with one call.
+            j = i + 1
+            while (
+                j < len(reads)
+                and j - i < 512
+                and reads[j].file == reads[i].file
+                and reads[j].offset == reads[j - 1].offset + reads[j - 1].view.nbytes
+            ):
+                j += 1
+            path = self.storage.join(self.directory, reads[i].file)
+            f = self._file(reads[i].file)
+            try:
+                read_into(f, [r.view for r in reads[i:j]], reads[i].offset, path)
+            except FileNotFoundError:  # an object store: removed since it was opened
+                raise CheckpointCorruptedError(f"{path}: data file is missing") from None
+            for r in reads[i:j]:
+                _verify(r, path)
+            i = j
 
     def _header(self, file: str) -> tuple[int, dict[str, Any]]:
-        if file in self._headers:
-            return self._headers[file]
-        path = self.storage.join(self.directory, file)
-        expected = self.manifest["files"][file]
-        try:
-            size = self.storage.size(path)
-        except FileNotFoundError:
-            raise CheckpointCorruptedError(f"{path}: data file is missing") from None
-        if size != expected["bytes"]:
-            raise CheckpointCorruptedError(
-                f"{path}: size is {size} bytes, the manifest says {expected['bytes']} (truncated?)"
-            )
-        f = self.storage.open_read(path)
-        try:
-            self._headers[file] = read_safetensors_header(f, size, path, expected["header_crc32"])
-        finally:
-            f.close()
+        if file not in self._headers:
+            f = self._file(file)
+            path = self.storage.join(self.directory, file)
+            header_crc = self.manifest["files"][file]["header_crc32"]
+            self._headers[file] = read_safetensors_header(f, f.size(), path, header_crc)
         return self._headers[file]
 
 

@@ -24,9 +24,13 @@ from . import _tree
 from ._errors import CheckpointCorruptedError
 from ._manifest import MANIFEST, read_manifest
 from ._policy import retention_victims
+from ._storage import LOCK_NAME
 
 if TYPE_CHECKING:
     from ._storage import Storage
+
+# What learnax itself keeps in a run's checkpoints directory beside the checkpoints.
+_OWN_ENTRIES = frozenset({LOCK_NAME})
 
 logger = logging.getLogger("learnax")
 
@@ -39,6 +43,11 @@ STEP_KEY = "step_"
 # The original learnax's pickle checkpoints: state_<name>.pyd files beside ours.
 LEGACY_SUFFIX = ".pyd"
 _SAFE_KEY = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+# "step_<N>" is how list_available_checkpoints names numbered checkpoint N.
+_STEP_ALIAS = re.compile(r"\Astep_[0-9]+\Z")
+# A run id is one path component with no character that a filesystem, a URL or
+# fsspec reads specially ('?' starts a version query on s3fs, '*' and '[' are globs).
+_SAFE_RUN_ID = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.,=+@-]{0,254}\Z")
 
 
 # --------------------------------------------------------------------------- names
@@ -50,12 +59,26 @@ def checkpoint_name(key: str | int) -> str:
 
 
 def checkpoint_key(entry: str) -> str | None:
-    """The key of a directory entry named like a checkpoint (``state_1000`` -> ``"1000"``),
-    or ``None`` when the entry is not named like one."""
+    """The key of a directory entry with a canonical checkpoint name (``state_1000`` ->
+    ``"1000"``), or ``None`` for any other entry. This is the one function that decides
+    what is named like a checkpoint: :func:`checkpoint_name` of its key gives the entry
+    back, and loading the key by name finds it."""
     if not entry.startswith(PREFIX):
         return None
     key = entry[len(PREFIX) :]
-    return key if _SAFE_KEY.match(key) and ".." not in key else None
+    return key if is_canonical_key(key) else None
+
+
+def is_canonical_key(key: Any) -> bool:
+    """Whether ``key`` names a checkpoint one way only: ASCII letters, digits, ``_``,
+    ``-`` and ``.`` (no ``..``, not starting with ``.`` or ``-``, at most 128), a step
+    in plain decimal (``"7"``, not ``"007"``), not ending like a legacy pickle
+    (``.pyd``) or a temporary file, and not ``step_<N>`` (the listing's name of step N)."""
+    if not isinstance(key, str) or not _SAFE_KEY.match(key) or ".." in key:
+        return False
+    if key.isdigit():
+        return key == str(int(key))
+    return not key.endswith((LEGACY_SUFFIX, ".tmp")) and not _STEP_ALIAS.match(key)
 
 
 def numbered_step(key: str) -> int | None:
@@ -69,28 +92,26 @@ def numbered_step(key: str) -> int | None:
 def check_suffix(suffix: Any, *, saving: bool = False) -> str:
     """``suffix`` if it is a safe checkpoint key, else ``ValueError``. A save may not take
     a key that would pass for a numbered checkpoint."""
-    if not isinstance(suffix, str) or not _SAFE_KEY.match(suffix) or ".." in suffix:
-        raise ValueError(
-            f"Checkpoint name {suffix!r} is not safe: use letters, digits, '_', '-' and '.' "
-            "(not starting with '.', no '..', at most 128 characters)"
-        )
-    if saving and (suffix.isdigit() or suffix.startswith(STEP_KEY)):
+    if saving and isinstance(suffix, str) and (suffix.isdigit() or suffix.startswith(STEP_KEY)):
         raise ValueError(
             f"Suffix {suffix!r} would pass for a numbered checkpoint: to save one, pass "
             "step= without a suffix."
+        )
+    if not is_canonical_key(suffix):
+        raise ValueError(
+            f"Checkpoint name {suffix!r} is not safe: use ASCII letters, digits, '_', '-' "
+            "and '.' (not starting with '.' or '-', no '..', at most 128 characters, a "
+            "step without leading zeros, not ending in '.pyd' or '.tmp', not 'step_<N>')"
         )
     return suffix
 
 
 def check_run_id(run_id: Any) -> str:
-    """``run_id`` if it is one path component, else ``ValueError``."""
-    if (
-        not isinstance(run_id, str)
-        or run_id in ("", ".", "..")
-        or any(c in run_id for c in "/\\\0")
-    ):
+    """``run_id`` if it is a safe path component on every storage, else ``ValueError``."""
+    if not isinstance(run_id, str) or not _SAFE_RUN_ID.match(run_id):
         raise ValueError(
-            f"run_id must be one path component (no '/', '\\', not '.' or '..'), got {run_id!r}"
+            "run_id must be one path component of ASCII letters, digits and '_.,=+@-' "
+            f"(not starting with '.' or '-', at most 255 characters), got {run_id!r}"
         )
     return run_id
 
@@ -110,8 +131,16 @@ def key_of_name(text: str) -> str:
 def legacy_step(entry: str) -> float:
     """The step a legacy file name stands for (``state_1000.pyd`` -> 1000); -inf when
     the name carries none (``state_latest.pyd``)."""
-    stem = entry[len(PREFIX) : -len(LEGACY_SUFFIX)]
-    return float(stem) if stem.isdigit() else -math.inf
+    step = numbered_step(entry[len(PREFIX) : -len(LEGACY_SUFFIX)])
+    return float(step) if step is not None else -math.inf
+
+
+def legacy_key(entry: str) -> str | None:
+    """The key of a canonical legacy pickle name (``state_1000.pyd`` -> ``"1000"``), or
+    ``None``."""
+    if not entry.endswith(LEGACY_SUFFIX):
+        return None
+    return checkpoint_key(entry[: -len(LEGACY_SUFFIX)])
 
 
 # --------------------------------------------------------------------------- best record
@@ -204,6 +233,35 @@ class RunDirectory:
     def __init__(self, storage: Storage, path: str) -> None:
         self.storage = storage
         self.path = path
+        self._warned: set[str] = set()  # foreign entries already warned about
+
+    def scan(self) -> tuple[list[str], list[str]]:
+        """The one listing of the run directory: the checkpoint directories (committed
+        or not) and the legacy pickle files, by canonical name. Anything else is foreign
+        (an odd name, a link, a file of another kind where a checkpoint would be): it is
+        never read, written or deleted, and named in one warning."""
+        directories, legacy = [], []
+        for entry, kind in self.storage.scan(self.path):
+            if entry in _OWN_ENTRIES:
+                continue
+            if kind == "dir" and checkpoint_key(entry) is not None:
+                directories.append(entry)
+            elif kind == "file" and legacy_key(entry) is not None:
+                legacy.append(entry)
+            elif entry not in self._warned:
+                self._warned.add(entry)
+                logger.warning(
+                    "Ignoring %s: not a checkpoint learnax wrote (%s); it is never read, "
+                    "written or deleted",
+                    self.storage.join(self.path, entry),
+                    "a link or a special file" if kind == "other" else "not a canonical name",
+                )
+        return directories, legacy
+
+    def is_foreign(self, name: str) -> bool:
+        """Whether the entry where checkpoint ``name`` would be is something learnax did
+        not make (a link, a file, a FIFO): never written through or deleted."""
+        return self.storage.kind(self.join(name)) not in (None, "dir")
 
     def join(self, name: str) -> str:
         """The path of entry ``name`` (a checkpoint directory name)."""
@@ -220,11 +278,7 @@ class RunDirectory:
     def names(self) -> list[str]:
         """The committed checkpoints (intact or not), in the order people read them:
         latest, best, the numbered ones by step, then any other key by name."""
-        keys = [
-            key
-            for key in map(checkpoint_key, self.storage.listdir(self.path))
-            if key is not None and self.is_committed(checkpoint_name(key))
-        ]
+        keys = [checkpoint_key(entry) for entry in self.scan()[0] if self.is_committed(entry)]
         fixed = [k for k in (LATEST, BEST) if k in keys]
         numbered = sorted((k for k in keys if numbered_step(k) is not None), key=int)
         others = sorted(k for k in keys if k not in fixed and numbered_step(k) is None)
@@ -297,11 +351,7 @@ class RunDirectory:
 
     def legacy_files(self) -> list[str]:
         """The original learnax's pickle checkpoints here (``state_<name>.pyd``)."""
-        return [
-            e
-            for e in self.storage.listdir(self.path)
-            if e.startswith(PREFIX) and e.endswith(LEGACY_SUFFIX)
-        ]
+        return self.scan()[1]
 
     def best_record(self, metric_name: str, minimize: bool) -> BestRecord | None:
         """The record of ``state_best``; ``None`` when there is none or it cannot be read
@@ -339,6 +389,9 @@ class RunDirectory:
         crash halfway leaves a directory without manifest, a leftover, never a
         checkpoint with missing files."""
         directory = self.join(name)
+        if checkpoint_key(name) is None or self.is_foreign(name):
+            logger.warning("Not deleting %s: not a checkpoint directory learnax wrote", directory)
+            return False
         try:
             with self.storage.lock(self.path):
                 self.storage.remove(self.storage.join(directory, MANIFEST))
@@ -357,10 +410,8 @@ class RunDirectory:
         with self.storage.lock(self.path, blocking=False) as locked:
             if not locked:
                 return
-            for entry in self.storage.listdir(self.path):
+            for entry in self.scan()[0]:
                 directory = self.join(entry)
-                if not entry.startswith(PREFIX) or not self.storage.isdir(directory):
-                    continue
                 try:
                     self._clean_checkpoint_dir(entry, directory)
                 except OSError as e:
@@ -368,7 +419,13 @@ class RunDirectory:
 
     def _clean_checkpoint_dir(self, entry: str, directory: str) -> None:
         storage = self.storage
-        if not self.is_committed(entry):
+        manifest_kind = storage.kind(storage.join(directory, MANIFEST))
+        if manifest_kind not in (None, "file"):
+            if entry not in self._warned:
+                self._warned.add(entry)
+                logger.warning("Ignoring %s: its manifest is not a regular file", directory)
+            return
+        if manifest_kind is None:
             if storage.unused(directory):
                 logger.info(
                     "Removing incomplete checkpoint %s (an interrupted save or deletion)",

@@ -9,6 +9,7 @@ as it was.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ class Saver:
         # Multi-host: the other processes may be writing their part of a first save
         # already, so process 0 cleans up after its first commit instead of at start.
         self._cleaned = coord is None
+        self._read_only = False  # a save failed with EROFS (logged once)
 
     def write(self, write: PlannedWrite, tree: Any, leaves: list[Any], step: int) -> str | None:
         """Write and commit one checkpoint; on an I/O failure log it and return None."""
@@ -63,12 +65,7 @@ class Saver:
         try:
             self._commit(write, tree, leaves, step)
         except OSError as e:
-            logger.error(
-                "Saving checkpoint %s (step %d) failed: %s. Earlier checkpoints are intact.",
-                directory,
-                step,
-                e,
-            )
+            self._log_failure(directory, step, e)
             write.error = e
             if isinstance(e, _write.VisibleNotDurableError) and write.best_value is not None:
                 # state_best is the new one now: never let a worse value replace it.
@@ -80,6 +77,24 @@ class Saver:
         if write.retention and (self.coord is None or self.coord.leader):
             self._retain()
         return directory
+
+    def _log_failure(self, directory: str, step: int, error: OSError) -> None:
+        if error.errno == errno.EROFS:  # said once: every save fails alike from now on
+            log = logger.debug if self._read_only else logger.error
+            self._read_only = True
+            log(
+                "Cannot save %s (step %d): the registry is read-only. Saves return None; "
+                "listing and loading work.",
+                directory,
+                step,
+            )
+            return
+        logger.error(
+            "Saving checkpoint %s (step %d) failed: %s. Earlier checkpoints are intact.",
+            directory,
+            step,
+            error,
+        )
 
     def _commit(self, write: PlannedWrite, tree: Any, leaves: list[Any], step: int) -> None:
         if self.coord is not None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from . import _tree
 from ._errors import CheckpointCorruptedError
 from ._inspect import checkpoints_under
-from ._manifest import MANIFEST, read_manifest
+from ._manifest import MANIFEST
 from ._read import CheckpointReader, read_consistent
 from ._storage import open_storage
 
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 # verify reads at most this many bytes of arrays at once.
 _VERIFY_BATCH = 256 << 20
+_UNCOMMITTED = "no manifest.json: not committed"
 
 
 def verify(
@@ -43,9 +44,12 @@ def verify(
     """
     storage, path = open_storage(str(path), storage_options)
     damaged = []
-    for checkpoint in checkpoints_under(storage, path):
+    checkpoints = checkpoints_under(storage, path)
+    for checkpoint in checkpoints:
         problem = _verify_live(storage, checkpoint)
-        if problem == "gone":  # deleted by retention while we looked: nothing to check
+        if problem == "gone" or (problem == _UNCOMMITTED and checkpoint != path):
+            # Listed as committed, its manifest gone since: deleted by a live run's
+            # retention while we looked. Nothing to check.
             continue
         if problem is not None:
             damaged.append((checkpoint, problem))
@@ -56,25 +60,28 @@ def verify(
 
 def _verify_live(storage: Storage, path: str) -> str | None:
     """The problem with a checkpoint, ``None`` when intact, ``"gone"`` when it was
-    deleted meanwhile. A run still training may replace a checkpoint while it is read
-    (its old files are removed after the new manifest): then it is read again."""
+    deleted meanwhile. A run still training may replace a checkpoint while it is read:
+    the reader sees the old one or the new one whole (``read_consistent``)."""
     try:
-        read_consistent(storage, path, lambda m: verify_checkpoint(storage, path, m))
+        read_consistent(storage, path, verify_reader, keys_as_data=True)
     except FileNotFoundError:
-        return "gone" if not storage.isdir(path) else "no manifest.json: not committed"
+        return "gone" if not storage.isdir(path) else _UNCOMMITTED
     except CheckpointCorruptedError as e:
         return str(e)
     return None
 
 
-def verify_checkpoint(storage: Storage, path: str, manifest: dict[str, Any] | None = None) -> None:
+def verify_checkpoint(storage: Storage, path: str) -> None:
     """Check one checkpoint completely: its manifest, every data file's size and header,
     and the checksum of every byte of every array (read in batches, so memory stays
     bounded). Raises :class:`CheckpointCorruptedError` naming the file."""
-    if manifest is None:
-        manifest = read_manifest(storage, path)
-    where = storage.join(path, MANIFEST)
-    reader = CheckpointReader(storage, path, manifest, keys_as_data=True)
+    read_consistent(storage, path, verify_reader, keys_as_data=True)
+
+
+def verify_reader(reader: CheckpointReader) -> None:
+    """Check everything ``reader``'s checkpoint holds (see :func:`verify_checkpoint`)."""
+    manifest = reader.manifest
+    where = reader.storage.join(reader.directory, MANIFEST)
     reader.check_files()
     try:
         in_tree = set(_tree.array_names(manifest["tree"]))

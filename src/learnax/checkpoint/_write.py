@@ -17,6 +17,7 @@ holds; each process writes a :class:`~._manifest.Part` and one commits them toge
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import secrets
@@ -28,7 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _tree
+from . import _superseded, _tree
 from ._dtypes import dtype_name
 from ._manifest import MANIFEST, Part, checksum, manifest_body, manifest_bytes
 from ._safetensors import safetensors_header
@@ -82,7 +83,7 @@ def write_checkpoint(
     is untouched; after it (``VisibleNotDurableError``, the final directory fsync
     failed) the new checkpoint is visible and whole, but its durability unconfirmed.
     """
-    new_directory = not storage.isdir(directory)
+    new_directory = not writable_checkpoint_dir(storage, directory)
     manifest: list[bytes] = []
 
     def build_manifest(part: Part) -> None:
@@ -112,6 +113,21 @@ def write_checkpoint(
                 with contextlib.suppress(OSError):
                     storage.rmtree(directory)
         raise
+
+
+def writable_checkpoint_dir(storage: Storage, directory: str) -> bool:
+    """Whether ``directory`` exists as a real directory (``False``: it does not exist
+    yet). Anything else there, a symbolic link above all, was not made by learnax:
+    ``OSError``, so that a save never writes (or later removes files) through it."""
+    kind = storage.kind(directory)
+    if kind not in (None, "dir"):
+        raise OSError(
+            errno.EEXIST,
+            "not a checkpoint directory learnax made (a link or a file); "
+            "refusing to write through it",
+            directory,
+        )
+    return kind == "dir"
 
 
 def write_part(
@@ -208,8 +224,9 @@ def remove_files(storage: Storage, directory: str, names: Iterable[str]) -> None
 
 def commit(storage: Storage, directory: str, manifest: bytes, files: set[str]) -> None:
     """Make the checkpoint in ``directory`` visible: its data files ``files`` are durable
-    already; write ``manifest`` over the old one in one atomic step, then remove the
-    files of the checkpoint it replaced."""
+    already; write ``manifest`` over the old one in one atomic step, then retire the
+    files of the checkpoint it replaced (removed after a grace time, see
+    ``_superseded``)."""
     # The data files' directory entries must be durable before the manifest that
     # names them can be: otherwise a power cut could keep the rename but not them.
     storage.fsync_dir(directory)
@@ -227,22 +244,15 @@ def commit(storage: Storage, directory: str, manifest: bytes, files: set[str]) -
         raise VisibleNotDurableError(
             e.errno, f"{e.strerror} (the new checkpoint is visible)", directory
         ) from e
-    # Committed: the previous save's files (and any leftovers) are garbage now. Nothing
-    # here may fail the save: the new checkpoint is whole whatever happens to them.
+    # Committed: the previous save's files (and any leftovers) are garbage now, removed
+    # after a grace time for readers of the old manifest. Nothing here may fail the
+    # save: the new checkpoint is whole whatever happens to them.
     try:
         superseded = [n for n in storage.listdir(directory) if n != MANIFEST and n not in files]
     except OSError as e:
         logger.warning("Could not list %s to remove superseded files: %s", directory, e)
         return
-    for name in superseded:
-        try:
-            storage.remove(storage.join(directory, name))
-        except OSError as e:
-            logger.warning(
-                "Could not remove superseded file %s (the next Checkpointer will): %s",
-                storage.join(directory, name),
-                e,
-            )
+    _superseded.retire(storage, [storage.join(directory, name) for name in superseded])
 
 
 def _whole(leaf: _tree.ArrayLeaf) -> _Tensor:

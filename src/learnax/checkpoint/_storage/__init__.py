@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import ReadFile, Storage
+from .base import ReadFile, Storage, UnsafeFileError
 from .fsspec import LEFTOVER_GRACE_S, FsspecReadFile, FsspecStorage
 from .local import LOCK_NAME, LocalReadFile, LocalStorage, skip_transferred
 
@@ -24,6 +24,7 @@ __all__ = [
     "LocalStorage",
     "ReadFile",
     "Storage",
+    "UnsafeFileError",
     "open_storage",
     "skip_transferred",
 ]

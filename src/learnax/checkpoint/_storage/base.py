@@ -8,6 +8,11 @@ contract both back-ends keep (:class:`~.local.LocalStorage` and
 durable when the call returns. Whatever the back-end, a failure of the filesystem comes
 out as ``OSError`` (``FileNotFoundError`` for a missing path), so a failed save looks
 the same on a local disk and on S3.
+
+What a back-end opens for reading it opens only if it is a regular file (never a link,
+a FIFO or a device, which could block or never end), and it never reads more bytes
+than the file had when opened: anything else is :class:`UnsafeFileError`, which the
+readers report as damage of that one checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ from contextlib import AbstractContextManager
 from typing import BinaryIO, Protocol, runtime_checkable
 
 
+class UnsafeFileError(OSError):
+    """A path that must be a regular file is something else (a symbolic link, a FIFO,
+    a device, a directory) or is larger than the reader allows."""
+
+
 @runtime_checkable
 class ReadFile(Protocol):
     """One file open for ranged reads into the caller's buffers."""
@@ -24,6 +34,10 @@ class ReadFile(Protocol):
     def readinto(self, views: list[memoryview], offset: int) -> None:
         """Fill ``views``, in order, with the file's bytes from ``offset`` on; ``EOFError``
         if the file ends first (the views then hold what was read)."""
+        ...
+
+    def size(self) -> int:
+        """The file's size in bytes when it was opened."""
         ...
 
     def close(self) -> None:
@@ -53,13 +67,25 @@ class Storage(Protocol):
         does not exist."""
         ...
 
+    def scan(self, path: str) -> list[tuple[str, str]]:
+        """The entries of directory ``path`` with their kind, as :meth:`kind` gives it
+        (``"dir"``, ``"file"``, ``"other"``), in one listing; ``[]`` when it does not
+        exist."""
+        ...
+
     def isdir(self, path: str) -> bool:
         """Whether ``path`` is a directory (on an object store: a prefix with objects
         under it); ``False`` when missing."""
         ...
 
     def isfile(self, path: str) -> bool:
-        """Whether ``path`` is a file; ``False`` when missing."""
+        """Whether ``path`` is a regular file (a link to one is not); ``False`` when
+        missing."""
+        ...
+
+    def kind(self, path: str) -> str | None:
+        """What is at ``path``, without following a link there: ``"dir"``, ``"file"`` (a
+        regular file), ``"other"`` (a link, FIFO, socket or device) or ``None``."""
         ...
 
     def size(self, path: str) -> int:
@@ -82,18 +108,22 @@ class Storage(Protocol):
         ...
 
     def open_stream(self, path: str) -> BinaryIO:
-        """``path`` open for sequential reading, a file object the caller closes;
-        ``FileNotFoundError`` when missing."""
+        """Regular file ``path`` open for sequential reading, a file object the caller
+        closes; ``FileNotFoundError`` when missing, :class:`UnsafeFileError` when it is
+        not a regular file."""
         ...
 
     def open_read(self, path: str) -> ReadFile:
-        """``path`` open for ranged reads, closed by the caller; a missing file raises
-        ``FileNotFoundError`` here (local) or at the first read (fsspec)."""
+        """Regular file ``path`` open for ranged reads, closed by the caller; a missing
+        file raises ``FileNotFoundError``, anything but a regular file
+        :class:`UnsafeFileError`. On a local disk the open handle keeps the file's
+        bytes readable even if it is removed meanwhile."""
         ...
 
     def read_bytes(self, path: str, limit: int) -> bytes:
-        """The whole of file ``path``; ``OSError`` (``EFBIG``) when it is larger than
-        ``limit`` bytes, ``FileNotFoundError`` when missing."""
+        """The whole of regular file ``path``; :class:`UnsafeFileError` when it is not a
+        regular file or is larger than ``limit`` bytes, ``FileNotFoundError`` when
+        missing."""
         ...
 
     def write_durable(self, path: str, chunks: Iterable[memoryview | bytes]) -> int:
@@ -128,5 +158,7 @@ class Storage(Protocol):
     def lock(self, directory: str, *, blocking: bool = True) -> AbstractContextManager[bool]:
         """A context holding an exclusive lock on ``directory`` among processes; it yields
         whether the lock was taken (always ``True`` when ``blocking``, and always where
-        the back-end has no lock, as on object stores). ``directory`` must exist."""
+        the back-end has no lock, as on object stores). ``directory`` must exist. On a
+        read-only directory a non-blocking lock yields ``False`` (nothing may be
+        cleaned there) and a blocking one raises the ``OSError``."""
         ...

@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO, TypeVar
 
+from .base import UnsafeFileError
+
 T = TypeVar("T")
 
 # Filesystems where directories are only key prefixes: nothing to create.
@@ -97,6 +99,15 @@ class FsspecStorage:
         return [e.rstrip("/").rpartition("/")[2] for e in entries]
 
     @_as_oserror
+    def scan(self, path: str) -> list[tuple[str, str]]:
+        self._fresh(path)
+        try:
+            entries = self.fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return []
+        return [(e["name"].rstrip("/").rpartition("/")[2], _kind_of(e)) for e in entries]
+
+    @_as_oserror
     def isdir(self, path: str) -> bool:
         self._fresh(path)
         return bool(self.fs.isdir(path))
@@ -105,6 +116,15 @@ class FsspecStorage:
     def isfile(self, path: str) -> bool:
         self._fresh(self.dirname(path))
         return bool(self.fs.isfile(path))
+
+    @_as_oserror
+    def kind(self, path: str) -> str | None:
+        self._fresh(self.dirname(path))
+        try:
+            info = self.fs.info(path)
+        except FileNotFoundError:
+            return None
+        return _kind_of(info)
 
     @_as_oserror
     def size(self, path: str) -> int:
@@ -164,16 +184,18 @@ class FsspecStorage:
 
     @_as_oserror
     def read_bytes(self, path: str, limit: int) -> bytes:
-        if self.size(path) > limit:
-            raise OSError(errno.EFBIG, f"file larger than {limit} bytes", path)
-        return self.fs.cat_file(path)
+        # One bounded GET: an object replaced by a larger one meanwhile is still refused.
+        data = self.fs.cat_file(path, start=0, end=limit + 1)
+        if len(data) > limit:
+            raise UnsafeFileError(errno.EFBIG, f"file larger than {limit} bytes", path)
+        return data
 
     @_as_oserror
     def open_stream(self, path: str) -> BinaryIO:
         return self.fs.open(path, "rb")
 
     def open_read(self, path: str) -> FsspecReadFile:
-        return FsspecReadFile(self.fs, path)
+        return FsspecReadFile(self.fs, path, self.size(path))
 
     def write_durable(self, path: str, chunks: Iterable[memoryview | bytes]) -> int:
         """Upload ``chunks`` as one object, in parts: never the whole file in memory.
@@ -240,12 +262,23 @@ class FsspecStorage:
         yield True  # object stores have no lock; see the class docstring
 
 
+def _kind_of(info: dict[str, Any]) -> str:
+    """``"dir"``, ``"file"`` or ``"other"`` from an fsspec info dict."""
+    if info.get("type") == "directory":
+        return "dir"
+    return "file" if info.get("type") == "file" and not info.get("islink") else "other"
+
+
 class FsspecReadFile:
     """Ranged GETs of one object, copied into the caller's buffers."""
 
-    def __init__(self, fs: Any, path: str) -> None:
+    def __init__(self, fs: Any, path: str, size: int) -> None:
         self._fs = fs
         self._path = path
+        self._size = size
+
+    def size(self) -> int:
+        return self._size
 
     @_as_oserror
     def readinto(self, views: list[memoryview], offset: int) -> None:

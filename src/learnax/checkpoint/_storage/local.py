@@ -15,9 +15,12 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 import threading
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
+
+from .base import UnsafeFileError
 
 try:  # POSIX only; on other systems the lock is a no-op.
     import fcntl
@@ -31,6 +34,16 @@ _IOV_MAX = 512
 _BATCH_BYTES = 8 << 20
 # Flush written data from a helper thread every this many bytes (see write_durable).
 _FLUSH_EVERY = 16 << 20
+# Reads open the final path component without following a link, and without blocking
+# (a FIFO would block an ordinary open until a writer appears).
+_OPEN_FOR_READ = (
+    os.O_RDONLY
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+)
+# What a failed open of a read-only directory's lock file says.
+_READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class LocalStorage:
@@ -70,11 +83,27 @@ class LocalStorage:
         except FileNotFoundError:
             return []
 
+    def scan(self, path: str) -> list[tuple[str, str]]:
+        try:
+            with os.scandir(path) as entries:
+                return [(e.name, _kind_of(e)) for e in entries]
+        except FileNotFoundError:
+            return []
+
     def isdir(self, path: str) -> bool:
         return os.path.isdir(path)
 
     def isfile(self, path: str) -> bool:
-        return os.path.isfile(path)
+        return self.kind(path) == "file"
+
+    def kind(self, path: str) -> str | None:
+        try:
+            mode = os.lstat(path).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if stat.S_ISDIR(mode):
+            return "dir"
+        return "file" if stat.S_ISREG(mode) else "other"
 
     def size(self, path: str) -> int:
         return os.stat(path).st_size
@@ -99,18 +128,30 @@ class LocalStorage:
         return total, newest
 
     def open_stream(self, path: str) -> BinaryIO:
-        return open(path, "rb")
+        fd, _ = open_regular(path)
+        return os.fdopen(fd, "rb")
 
     def open_read(self, path: str) -> LocalReadFile:
         """``path`` open for ranged reads; the caller closes it."""
         return LocalReadFile(path)
 
     def read_bytes(self, path: str, limit: int) -> bytes:
-        """The whole file, refusing files larger than ``limit`` bytes."""
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size > limit:
-                raise OSError(errno.EFBIG, f"file larger than {limit} bytes", path)
-            return f.read()
+        """The whole regular file, refusing files larger than ``limit`` bytes; never more
+        bytes than ``fstat`` said (a file growing meanwhile is read as it was)."""
+        fd, size = open_regular(path)
+        try:
+            if size > limit:
+                raise UnsafeFileError(errno.EFBIG, f"file larger than {limit} bytes", path)
+            parts, left = [], size
+            while left:
+                part = os.read(fd, left)
+                if not part:
+                    break
+                parts.append(part)
+                left -= len(part)
+            return b"".join(parts)
+        finally:
+            os.close(fd)
 
     def write_durable(self, path: str, chunks: Iterable[memoryview | bytes]) -> int:
         """Write ``chunks`` to a new file at ``path`` and fsync it; returns the size.
@@ -191,7 +232,17 @@ class LocalStorage:
         if fcntl is None:  # pragma: no cover - Windows
             yield True
             return
-        fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(
+                os.path.join(directory, LOCK_NAME),
+                os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
+                0o644,
+            )
+        except OSError as e:
+            if blocking or e.errno not in _READ_ONLY_ERRNOS:
+                raise
+            yield False  # a read-only registry: nobody saves here, nothing to clean
+            return
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
@@ -206,11 +257,39 @@ class LocalStorage:
             os.close(fd)
 
 
+def _kind_of(entry: os.DirEntry[str]) -> str:
+    if entry.is_dir(follow_symlinks=False):
+        return "dir"
+    return "file" if entry.is_file(follow_symlinks=False) else "other"
+
+
+def open_regular(path: str) -> tuple[int, int]:
+    """A read-only descriptor of regular file ``path`` and its size, opened without
+    following a final link and without blocking; :class:`UnsafeFileError` for anything
+    but a regular file."""
+    try:
+        fd = os.open(path, _OPEN_FOR_READ)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafeFileError(e.errno, "a symbolic link, not a regular file", path) from None
+        if e.errno in (errno.ENXIO, errno.EISDIR):  # a socket; a directory
+            raise UnsafeFileError(e.errno, "not a regular file", path) from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UnsafeFileError(errno.EINVAL, "not a regular file", path)
+    return fd, st.st_size
+
+
 class LocalReadFile:
-    """A file read with ``preadv`` straight into the caller's buffers."""
+    """A regular file read with ``preadv`` straight into the caller's buffers."""
 
     def __init__(self, path: str) -> None:
-        self._fd = os.open(path, os.O_RDONLY)
+        self._fd, self._size = open_regular(path)
+
+    def size(self) -> int:
+        return self._size
 
     def readinto(self, views: list[memoryview], offset: int) -> None:
         """Fill ``views`` with the bytes from ``offset`` on; ``EOFError`` if the file ends

@@ -1,0 +1,98 @@
+"""Data files a commit superseded, removed after a grace time instead of at once.
+
+A save over an existing checkpoint (the rolling ``latest``, ``best``) commits a new
+manifest; the old one's data files are garbage from then on, but a reader that read the
+old manifest an instant before may still be about to open them (``_read.read_consistent``
+opens them right after the manifest; on an object store it reads them for as long as
+the load takes). So they stay for ``SUPERSEDED_GRACE_S`` seconds, then a daemon thread
+removes them. Their names are never used again (each save has a new id), so removing
+them late can never touch a newer checkpoint. What a process leaves when it exits is
+removed at exit; what a killed process leaves, the next Checkpointer's start-up cleanup
+removes (``_run.RunDirectory.clean_leftovers``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import heapq
+import itertools
+import logging
+import os
+import threading
+import time
+
+from ._storage import Storage
+
+logger = logging.getLogger("learnax")
+
+# Long enough for a reader to open the files it just found in a manifest (local disks
+# keep an open file readable), and for a load from an object store to finish. The
+# environment variable sets it for a whole job (0: remove at once, as a run with no
+# concurrent readers may prefer for disk space).
+SUPERSEDED_GRACE_S = float(os.environ.get("LEARNAX_SUPERSEDED_GRACE_S", "60"))
+
+_lock = threading.Condition()
+_pending: list[tuple[float, int, Storage, str]] = []  # (deadline, order, storage, path)
+_order = itertools.count()
+_thread: threading.Thread | None = None
+
+
+def retire(storage: Storage, paths: list[str]) -> None:
+    """Remove the files ``paths`` once the grace time has passed (at once without one)."""
+    global _thread
+    if SUPERSEDED_GRACE_S <= 0:
+        _remove(storage, paths)
+        return
+    deadline = time.monotonic() + SUPERSEDED_GRACE_S
+    with _lock:
+        for path in paths:
+            heapq.heappush(_pending, (deadline, next(_order), storage, path))
+        if _thread is None:
+            _thread = threading.Thread(target=_run, name="learnax-superseded", daemon=True)
+            _thread.start()
+            # Registered now, after the storage's own library was imported: exit
+            # handlers run last-in first-out, so this one runs while fsspec's event
+            # loop still works (removing objects after it stopped would hang).
+            atexit.register(remove_now)
+        _lock.notify()
+
+
+def remove_now() -> None:
+    """Remove every retired file now, whatever its grace time (at exit)."""
+    with _lock:
+        due = [(storage, path) for _, _, storage, path in _pending]
+        _pending.clear()
+    for storage, path in due:
+        _remove(storage, [path])
+
+
+def _run() -> None:
+    while True:
+        with _lock:
+            while not _pending or _pending[0][0] > time.monotonic():
+                _lock.wait(None if not _pending else _pending[0][0] - time.monotonic())
+            _, _, storage, path = heapq.heappop(_pending)
+        _remove(storage, [path])
+
+
+def _remove(storage: Storage, paths: list[str]) -> None:
+    for path in paths:
+        try:
+            storage.remove(path)
+        except OSError as e:
+            logger.warning(
+                "Could not remove superseded file %s (the next Checkpointer will): %s", path, e
+            )
+
+
+def _forget_after_fork() -> None:
+    # The child has no removal thread; the parent still removes what it retired.
+    global _lock, _thread
+    _lock = threading.Condition()
+    _pending.clear()
+    _thread = None
+
+
+with contextlib.suppress(AttributeError):  # no fork on Windows
+    os.register_at_fork(after_in_child=_forget_after_fork)

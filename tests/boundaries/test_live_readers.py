@@ -1,0 +1,140 @@
+"""An evaluation job reading a run while training writes it as fast as it can: every
+read sees the old checkpoint or the new one whole. Never a healthy checkpoint called
+damaged, never ``None`` while a committed checkpoint exists, on a local disk and on an
+object store (a moto S3 server).
+
+The writer is another process, as in real use, with the default grace time for
+superseded data files; the reader polls in this process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from learnax.checkpoint import CheckpointCorruptedError, Checkpointer, verify
+
+WRITER = textwrap.dedent(
+    """
+    import json, sys, time
+    import numpy as np
+    from learnax.checkpoint import Checkpointer
+    registry, options, seconds = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3])
+    ckpt = Checkpointer(registry, "run", save_every=1, checkpoint_every=1, max_to_keep=2,
+                        storage_options=options or None)
+    rng = np.random.default_rng(0)
+    step, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        step += 1
+        state = {"w": np.full(20_000, step, np.float32), "b": rng.standard_normal(7),
+                 "step": step}
+        saved = ckpt.maybe_save_checkpoints(state, step)
+        assert set(saved) == {"latest", "numbered"}, saved
+        print(step, flush=True)
+    """
+)
+
+
+def _start_writer(registry: str, options: dict | None, seconds: float) -> subprocess.Popen:
+    env = dict(os.environ, LEARNAX_SUPERSEDED_GRACE_S="60")  # the default, not the tests'
+    return subprocess.Popen(
+        [sys.executable, "-c", WRITER, registry, json.dumps(options or {}), str(seconds)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _consistent(loaded: dict) -> None:
+    """A state is whole: its arrays are the ones saved with its step."""
+    step = loaded["step"]
+    assert loaded["state"]["step"] == step
+    np.testing.assert_array_equal(loaded["state"]["w"], np.full(20_000, step, np.float32))
+
+
+def _poll(
+    registry: str, options: dict | None, writer: subprocess.Popen, seconds: float, pause: float
+) -> dict:
+    ckpt = Checkpointer(registry, "run", storage_options=options)
+    counts = {"latest": 0, "load_latest": 0, "verify": 0}
+    while ckpt.load_checkpoint("latest") is None:  # the first commit
+        assert writer.poll() is None, writer.communicate()[1][-3000:]
+        time.sleep(0.01)
+    last, end = 0, time.monotonic() + seconds
+    while writer.poll() is None and time.monotonic() < end:
+        loaded = ckpt.load_checkpoint("latest")  # raises if called damaged
+        assert loaded is not None
+        _consistent(loaded)
+        assert loaded["step"] >= last  # never goes back to an older latest
+        last = loaded["step"]
+        counts["latest"] += 1
+        newest = ckpt.load_latest()
+        assert newest is not None
+        _consistent(newest)
+        counts["load_latest"] += 1
+        if counts["verify"] < 5:
+            assert verify(ckpt.checkpoint_dir, storage_options=options) == []
+            counts["verify"] += 1
+        time.sleep(pause)
+    out, err = writer.communicate(timeout=300)
+    assert writer.returncode == 0, err[-3000:]
+    counts["saves"] = int(out.split()[-1])
+    return counts
+
+
+def test_a_reader_racing_a_fast_writer_on_a_local_disk_never_sees_damage(registry):
+    writer = _start_writer(registry, None, seconds=8)
+    counts = _poll(registry, None, writer, seconds=8, pause=0.0)
+    assert counts["saves"] > 20 and counts["latest"] > 20, counts
+
+
+def test_a_reader_holding_an_old_manifest_still_reads_it_after_the_next_commit(registry):
+    """The grace time at work: the data files of a superseded latest stay readable."""
+    from learnax.checkpoint import _read, _superseded
+    from learnax.checkpoint._manifest import read_manifest
+    from learnax.checkpoint._storage import LocalStorage
+
+    ckpt = Checkpointer(registry, "run")
+    path = ckpt.save_latest({"w": np.zeros(5)}, step=1)
+    storage = LocalStorage()
+    old = _read.CheckpointReader(storage, path, read_manifest(storage, path))
+    grace = _superseded.SUPERSEDED_GRACE_S
+    _superseded.SUPERSEDED_GRACE_S = 60.0
+    try:
+        ckpt.save_latest({"w": np.ones(5)}, step=2)
+        with old:
+            old.prefetch(["w"])
+            np.testing.assert_array_equal(old.array("w"), np.zeros(5))
+        _superseded.remove_now()
+        with pytest.raises(CheckpointCorruptedError, match="missing"):
+            _read.CheckpointReader(storage, path, old.manifest).open_files()
+    finally:
+        _superseded.SUPERSEDED_GRACE_S = grace
+    assert ckpt.load_latest()["step"] == 2
+
+
+def test_a_reader_racing_a_fast_writer_on_s3_never_sees_damage(moto_server):
+    pytest.importorskip("s3fs")
+    import uuid
+
+    import boto3
+
+    name = f"learnax-live-{uuid.uuid4().hex[:12]}"
+    boto3.client(
+        "s3",
+        endpoint_url=moto_server.endpoint_url,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket=name)
+    options = moto_server.storage_options()
+    writer = _start_writer(f"s3://{name}/reg", options, seconds=10)
+    counts = _poll(f"s3://{name}/reg", options, writer, seconds=10, pause=0.05)
+    assert counts["saves"] > 5 and counts["latest"] > 5, counts
