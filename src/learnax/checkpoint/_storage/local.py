@@ -42,8 +42,9 @@ _OPEN_FOR_READ = (
     | getattr(os, "O_NONBLOCK", 0)
     | getattr(os, "O_CLOEXEC", 0)
 )
-# What a failed open of a read-only directory's lock file says.
-_READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+# What a failed open of the lock file says when nobody can save there (a read-only
+# directory, or one that could not be created): nothing to clean either.
+_READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT)
 
 
 class LocalStorage:
