@@ -206,7 +206,18 @@ def _add_leaf(x: Any, path: KeyPath, name: str, leaves: list[ArrayLeaf], used: s
 
 def _child(name: str, key: Any) -> str:
     # Readable tensor names, the ones a safetensors user sees: "params/Dense_0/kernel".
-    return f"{name}/{key}" if name else str(key)
+    return f"{name}/{_name_part(key)}" if name else _name_part(key)
+
+
+def _name_part(key: Any) -> str:
+    """A key as part of a tensor name, always valid UTF-8: a lone surrogate (a key from
+    ``os.fsdecode`` of a non-UTF-8 file name) is written as its escape ``\\udcff``, or
+    the safetensors library refuses the whole file. Names only need to be unique (the
+    tree stores the exact key and the name of each array), so this loses nothing."""
+    text = str(key)
+    if text.isascii():  # the usual case, without an encode
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _unique_name(base: str, used: set[str]) -> str:
