@@ -106,8 +106,15 @@ class LocalStorage:
         return LocalReadFile(path)
 
     def read_bytes(self, path: str, limit: int) -> bytes:
-        """The whole file, refusing files larger than ``limit`` bytes."""
-        with open(path, "rb") as f:
+        """The whole file, refusing files larger than ``limit`` bytes. A directory at
+        ``path``, or a regular file where a directory of ``path`` should be, means
+        there is no such file: ``FileNotFoundError``, as for a missing one (a load of
+        a path that is a file finds no checkpoint there, not an OS error)."""
+        try:
+            f = open(path, "rb")
+        except (NotADirectoryError, IsADirectoryError) as e:
+            raise FileNotFoundError(errno.ENOENT, f"no file at {path} ({e.strerror})", path) from e
+        with f:
             if os.fstat(f.fileno()).st_size > limit:
                 raise OSError(errno.EFBIG, f"file larger than {limit} bytes", path)
             return f.read()
