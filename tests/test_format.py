@@ -202,7 +202,10 @@ _any_char = st.characters(exclude_categories=())
 _odd_keys = st.sampled_from(
     ["", "/", "[", "]", '"', "'", "\\", "__metadata__", "_", "a/b", "\x00", "\udcff", "\ud800"]
 )
-_keys = st.one_of(_odd_keys, st.text(_any_char, max_size=8), st.text(_any_char, min_size=3000))
+_long_keys = st.builds(
+    lambda text, n: text * n, st.text(_any_char, min_size=1, max_size=3), st.integers(1000, 3000)
+)
+_keys = st.one_of(_odd_keys, st.text(_any_char, max_size=8), _long_keys)
 _trees = st.recursive(
     st.integers(0, 5).map(lambda n: np.arange(n, dtype=np.float32)),
     lambda children: st.dictionaries(_keys, children, min_size=1, max_size=4),
