@@ -4,14 +4,20 @@ that the ``safetensors`` library itself opens."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import safetensors
-from helpers import checkpoint_files, read_manifest_file, small_state
+from helpers import assert_tree_equal, checkpoint_files, read_manifest_file, small_state
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from learnax.checkpoint import Checkpointer
 
 
 def saved_path(make_checkpointer, state=None, step=1000, **save_kwargs) -> Path:
@@ -187,3 +193,51 @@ def test_a_partial_read_detects_damage_in_the_blocks_it_reads(make_checkpointer)
     np.testing.assert_array_equal(reader.read_region("w", (slice(0, 2), slice(None))), array[:2])
     with pytest.raises(CheckpointCorruptedError, match="checksum mismatch"):
         reader.read_region("w", (slice(3, 4), slice(None)))
+
+
+# --- tensor names are valid UTF-8 whatever the keys ---------------------------------
+
+# Every character, lone surrogates included (os.fsdecode of a non-UTF-8 file name).
+_any_char = st.characters(exclude_categories=())
+_odd_keys = st.sampled_from(
+    ["", "/", "[", "]", '"', "'", "\\", "__metadata__", "_", "a/b", "\x00", "\udcff", "\ud800"]
+)
+_long_keys = st.builds(
+    lambda text, n: text * n, st.text(_any_char, min_size=1, max_size=3), st.integers(1000, 3000)
+)
+_keys = st.one_of(_odd_keys, st.text(_any_char, max_size=8), _long_keys)
+_trees = st.recursive(
+    st.integers(0, 5).map(lambda n: np.arange(n, dtype=np.float32)),
+    lambda children: st.dictionaries(_keys, children, min_size=1, max_size=4),
+    max_leaves=8,
+)
+
+
+def _assert_every_data_file_opens(path: str) -> None:
+    for file in checkpoint_files(path):
+        with safetensors.safe_open(str(file), framework="numpy") as f:
+            for name in f.keys():
+                f.get_tensor(name)
+
+
+def test_a_key_that_is_not_valid_utf8_still_gives_openable_files(make_checkpointer):
+    state = {os.fsdecode(b"\xff"): np.ones(3, np.float32), "a\ud800b": {"x": np.zeros(2)}}
+    ckpt = make_checkpointer()
+    path = ckpt.save_checkpoint(state, step=1)
+    _assert_every_data_file_opens(path)
+    assert_tree_equal(state, ckpt.load_checkpoint(1)["state"])
+
+
+def test_tensor_names_of_ordinary_keys_stay_the_leaf_paths(make_checkpointer):
+    state = {"params": {"Dense_0": {"kernel": np.ones(2)}}, "é": np.zeros(1)}
+    assert set(all_tensors(saved_path(make_checkpointer, state))) == {"params/Dense_0/kernel", "é"}
+
+
+@settings(max_examples=40, deadline=None)
+@given(state=_trees)
+def test_any_str_keys_give_openable_files_and_round_trip(state):
+    with tempfile.TemporaryDirectory() as registry:
+        ckpt = Checkpointer(registry, "run")
+        path = ckpt.save_checkpoint({"root": state}, step=1)
+        _assert_every_data_file_opens(path)
+        assert_tree_equal({"root": state}, ckpt.load_checkpoint(1)["state"])

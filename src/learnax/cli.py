@@ -540,7 +540,14 @@ def _size(n: int) -> str:
 
 
 def _when(t: float | None) -> str:
-    return "-" if not t else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    """A time as local date and time; one the platform cannot convert (NaN, infinite,
+    or far outside its years, in a crafted or damaged manifest) as the number itself."""
+    if not t:
+        return "-"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    except (OverflowError, OSError, ValueError):
+        return _number(t)
 
 
 def _number(x: Any) -> str:

@@ -6,18 +6,21 @@ Saves still in flight when the interpreter exits are finished first.
 from __future__ import annotations
 
 import atexit
+import inspect
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import _tree
 from ._write import on_cpu
 
 _SMALL_LEAF = 1 << 20  # bytes: below it, a snapshot copies a CPU array on the host
+_DEVICE_PUT_MAY_ALIAS = "may_alias" in inspect.signature(jax.device_put).parameters
 
 
 def snapshot(leaves: list[_tree.ArrayLeaf]) -> None:
@@ -44,7 +47,7 @@ def snapshot(leaves: list[_tree.ArrayLeaf]) -> None:
         elif isinstance(value, np.ndarray):
             leaf.value = value.copy()
     if on_device:
-        copies = jax.device_put([leaf.value for leaf in on_device], may_alias=False)
+        copies = _copies_on_device([leaf.value for leaf in on_device])
         for leaf, copy in zip(on_device, copies, strict=True):
             leaf.value = copy
     if spanning:
@@ -55,9 +58,7 @@ def _snapshot_spanning(leaves: list[_tree.ArrayLeaf]) -> None:
     # An array spanning processes cannot be copied whole here (jax refuses it): its
     # local shards are, each on its device, and put together again.
     shards = [shard for leaf in leaves for shard in leaf.value.addressable_shards]
-    copies = jax.device_put(
-        [shard.data for shard in shards], [shard.device for shard in shards], may_alias=False
-    )
+    copies = _copies_on_device([shard.data for shard in shards])
     done = 0
     for leaf in leaves:
         value, n = leaf.value, len(leaf.value.addressable_shards)
@@ -65,6 +66,16 @@ def _snapshot_spanning(leaves: list[_tree.ArrayLeaf]) -> None:
             value.shape, value.sharding, copies[done : done + n]
         )
         done += n
+
+
+def _copies_on_device(arrays: list[jax.Array]) -> list[jax.Array]:
+    """A copy of each of ``arrays`` on its own devices, returned before the copies are
+    done: one batched ``device_put(..., may_alias=False)``, or where jax has no
+    ``may_alias`` (before 0.4.31), where ``device_put`` may return the array itself,
+    one ``jnp.copy`` per array."""
+    if _DEVICE_PUT_MAY_ALIAS:
+        return jax.device_put(arrays, may_alias=False)
+    return [jnp.copy(a) for a in arrays]
 
 
 class BackgroundSaves:

@@ -12,6 +12,7 @@ run keeps its best.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from . import _policy, _tree
@@ -58,6 +59,14 @@ class BestTracker:
                 self.minimize,
             )
             return
+        if math.isnan(record.value):
+            logger.warning(
+                "The best checkpoint of this run records %r as NaN, which is never a best "
+                "value; starting from %s.",
+                record.metric,
+                self.value,
+            )
+            return
         self.value = record.value
 
     def write_if_better(
@@ -77,11 +86,14 @@ class BestTracker:
     def write_by_hand(self, metrics: Any, encoded: dict[str, Any], step: int) -> PlannedWrite:
         """The write of a best checkpoint saved by hand (``save_checkpoint(is_best=True)``):
         when its metrics hold ``metric_name``, that value becomes the best (now and
-        after a restart), better or not."""
+        after a restart), better or not. NaN never is a best value: that checkpoint is
+        written as asked, but the best value stays and no record of it is stored."""
         value = metrics.get(self.metric_name) if isinstance(metrics, dict) else None
-        if value is None:
+        if value is not None:
+            value = self._agreed(value, step)
+        if value is None or math.isnan(value):
             return PlannedWrite("best", checkpoint_name(BEST), encoded)
-        return self._write_of(self._agreed(value, step), encoded)
+        return self._write_of(value, encoded)
 
     def committed(self, value: float) -> None:
         """A best checkpoint of ``value`` is committed: it is the best now."""

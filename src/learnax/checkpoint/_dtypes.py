@@ -1,4 +1,5 @@
-"""The dtypes learnax stores, by name, and their safetensors codes.
+"""The dtypes learnax stores, by name, and their safetensors codes; and the names of
+the PRNG key implementations whose key data it stores.
 
 Names read from a file are looked up in a fixed table, never passed to ``np.dtype``:
 a crafted file cannot ask for an object array. Dtypes that safetensors has no code for
@@ -78,6 +79,12 @@ SAFETENSORS_CODES: dict[str, str] = {
 
 _NAMES: dict[np.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 
+# The PRNG key implementations a checkpoint may name: jax's built-in ones.
+PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+# Older jax (0.4.30) prints an implementation by its short tag, ``str(key_impl(key))``
+# being "fry"; the tags stand for the names above, which is what is stored.
+_PRNG_TAGS = {"fry": "threefry2x32", "urbg": "unsafe_rbg"}
+
 
 def dtype_name(dtype: np.dtype) -> str:
     """The stored name of a supported dtype (any byte order)."""
@@ -103,3 +110,10 @@ def safetensors_layout(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[str, li
     if code is not None:
         return code, list(shape)
     return "U8", [*shape, dtype.itemsize]
+
+
+def prng_impl_name(name: object) -> str | None:
+    """The stored name of a PRNG implementation given by its name or its tag (``"fry"``
+    from older jax); ``None`` when it is none of jax's built-in ones."""
+    name = _PRNG_TAGS.get(name, name) if isinstance(name, str) else None
+    return name if name in PRNG_IMPLS else None

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import _tree
-from ._dtypes import dtype_from_name
+from ._dtypes import dtype_from_name, prng_impl_name
 from ._errors import CheckpointCorruptedError
 from ._storage import Storage, UnsafeFileError
 
@@ -36,7 +36,6 @@ CRC_BLOCK = 1 << 20
 _MANIFEST_PREFIX = re.compile(rb'\A\{"checksum":"crc32:([0-9a-f]{8})","manifest":')
 _MANIFEST_SUFFIX = b"}\n"
 _DATA_FILE = re.compile(r"\Adata-[A-Za-z0-9_-]{1,64}\.safetensors\Z")
-_PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 # A manifest of 100,000 leaves is about 25 MB and 1.2 million JSON values; the caps
 # leave room above that, and bound what parsing a crafted file can allocate (Python
 # objects of about 100 bytes per value at worst: some 300 MB).
@@ -211,7 +210,7 @@ def check_array_entry(
     kind = a.get("kind", "array")
     if kind not in ("array", "scalar", "key"):
         raise bad(f"unknown kind {kind!r:.100}")
-    if kind == "key" and (a.get("impl") not in _PRNG_IMPLS or dtype != np.uint32):
+    if kind == "key" and (prng_impl_name(a.get("impl")) is None or dtype != np.uint32):
         raise bad("invalid PRNG key")
     if kind == "scalar" and shape:
         raise bad(f"a scalar with shape {shape}")

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from . import _tree
-from ._dtypes import safetensors_layout
+from ._dtypes import prng_impl_name, safetensors_layout
 from ._errors import CheckpointCorruptedError
 from ._manifest import CRC_BLOCK, MANIFEST, check_array_entry, read_manifest, shard_bounds
 from ._metrics import decode_metrics
@@ -202,7 +202,7 @@ class CheckpointReader:
             f = self.storage.open_read(path)
         except FileNotFoundError:
             raise CheckpointCorruptedError(f"{path}: data file is missing") from None
-        except UnsafeFileError as e:
+        except (UnsafeFileError, IsADirectoryError) as e:
             raise CheckpointCorruptedError(f"{path}: {e.strerror}") from None
         expected = self.manifest["files"][file]["bytes"]
         if f.size() != expected:
@@ -275,7 +275,9 @@ class CheckpointReader:
             if kind == "scalar":
                 self._arrays[name] = out[()]
             elif kind == "key" and not self.keys_as_data:
-                self._arrays[name] = jax.random.wrap_key_data(out, impl=info["impl"])
+                self._arrays[name] = jax.random.wrap_key_data(
+                    out, impl=prng_impl_name(info["impl"])
+                )
             else:
                 self._arrays[name] = out
 

@@ -25,7 +25,7 @@ import jax
 import jax.tree_util as jtu
 import numpy as np
 
-from ._dtypes import is_supported_dtype
+from ._dtypes import PRNG_IMPLS, is_supported_dtype, prng_impl_name
 
 logger = logging.getLogger("learnax")
 
@@ -174,9 +174,8 @@ def _encode_container(
                 for i, v in enumerate(x)
             ]
         }
-    flat = jtu.default_registry.flatten_one_level_with_keys(x)
-    if flat is not None:
-        children, _ = flat
+    children = _node_children(x)
+    if children is not None:
         items = []
         for key, child in children:
             k = plain_key(key)
@@ -186,11 +185,30 @@ def _encode_container(
     return None
 
 
+def _node_children(x: Any) -> list[tuple[Any, Any]] | None:
+    """The children of a registered pytree node, each with its jax path key; ``None``
+    when ``x`` is not one."""
+    flatten = getattr(jtu.default_registry, "flatten_one_level_with_keys", None)
+    if flatten is None:  # jax before 0.4.31
+        return node_children_by_path(x)
+    flat = flatten(x)
+    return None if flat is None else list(flat[0])
+
+
+def node_children_by_path(x: Any) -> list[tuple[Any, Any]] | None:
+    """``_node_children`` for jax without ``flatten_one_level_with_keys``: one level of
+    ``tree_flatten_with_path``, with every child taken as a leaf."""
+    flat, _ = jtu.tree_flatten_with_path(x, is_leaf=lambda child: child is not x)
+    if len(flat) == 1 and flat[0][0] == () and flat[0][1] is x:
+        return None  # a leaf, not a node
+    return [(keys[0], child) for keys, child in flat]
+
+
 def _add_leaf(x: Any, path: KeyPath, name: str, leaves: list[ArrayLeaf], used: set[str]) -> str:
     kind, impl = "array", None
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
         # Stored as its key data (uint32); the implementation name rebuilds the key.
-        kind, impl = "key", str(jax.random.key_impl(x))
+        kind, impl = "key", _prng_impl_of(x, path)
         x = jax.random.key_data(x)
     elif isinstance(x, np.generic):
         kind = "scalar"
@@ -204,9 +222,35 @@ def _add_leaf(x: Any, path: KeyPath, name: str, leaves: list[ArrayLeaf], used: s
     return name
 
 
+def _prng_impl_of(key: jax.Array, path: KeyPath) -> str:
+    """The stored name of a typed key array's implementation ("threefry2x32", never the
+    "fry" older jax prints); ``TypeError`` for one that is not built into jax, which a
+    load could not rebuild."""
+    printed = str(jax.random.key_impl(key))
+    name = prng_impl_name(printed)
+    if name is None:
+        raise TypeError(
+            f"PRNG key at {keystr(path)} has implementation {printed!r}, not one of jax's "
+            f"built-in ones ({', '.join(PRNG_IMPLS)}): learnax could not rebuild it on "
+            "load. Save jax.random.key_data(key) instead."
+        )
+    return name
+
+
 def _child(name: str, key: Any) -> str:
     # Readable tensor names, the ones a safetensors user sees: "params/Dense_0/kernel".
-    return f"{name}/{key}" if name else str(key)
+    return f"{name}/{_name_part(key)}" if name else _name_part(key)
+
+
+def _name_part(key: Any) -> str:
+    """A key as part of a tensor name, always valid UTF-8: a lone surrogate (a key from
+    ``os.fsdecode`` of a non-UTF-8 file name) is written as its escape ``\\udcff``, or
+    the safetensors library refuses the whole file. Names only need to be unique (the
+    tree stores the exact key and the name of each array), so this loses nothing."""
+    text = str(key)
+    if text.isascii():  # the usual case, without an encode
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _unique_name(base: str, used: set[str]) -> str:

@@ -5,8 +5,9 @@ buffers and read with ``preadv`` straight into them, and durability on a POSIX
 filesystem takes four things: ``fsync`` of each file's data, ``fsync`` of the directory
 so that the new files' entries are durable, an atomic ``rename`` to make the commit
 visible, and ``fsync`` of the directory again so that the rename itself survives a
-power cut. Writers of one run exclude each other with an ``flock`` on a file in its
-directory.
+power cut. On macOS, whose ``fsync`` leaves data in the drive's cache, ``fsync`` means
+``F_FULLFSYNC`` (see ``sync_file``). Writers of one run exclude each other with an
+``flock`` on a file in its directory.
 """
 
 from __future__ import annotations
@@ -138,8 +139,14 @@ class LocalStorage:
 
     def read_bytes(self, path: str, limit: int) -> bytes:
         """The whole regular file, refusing files larger than ``limit`` bytes; never more
-        bytes than ``fstat`` said (a file growing meanwhile is read as it was)."""
-        fd, size = open_regular(path)
+        bytes than ``fstat`` said (a file growing meanwhile is read as it was). A
+        directory at ``path``, or a regular file where a directory of ``path`` should
+        be, means there is no such file: ``FileNotFoundError``, as for a missing one (a
+        load of a path that is a file finds no checkpoint there, not an OS error)."""
+        try:
+            fd, size = open_regular(path)
+        except (NotADirectoryError, IsADirectoryError) as e:
+            raise FileNotFoundError(errno.ENOENT, f"no file at {path} ({e.strerror})", path) from e
         try:
             if size > limit:
                 raise UnsafeFileError(errno.EFBIG, f"file larger than {limit} bytes", path)
@@ -185,7 +192,7 @@ class LocalStorage:
             if flusher is not None:
                 flusher, done = None, flusher
                 done.finish()
-            os.fsync(fd)
+            sync_file(fd)
         finally:
             if flusher is not None:
                 with contextlib.suppress(OSError):
@@ -210,7 +217,7 @@ class LocalStorage:
     def fsync_dir(self, path: str) -> None:
         fd = os.open(path, os.O_RDONLY)
         try:
-            os.fsync(fd)
+            sync_file(fd)
         finally:
             os.close(fd)
 
@@ -273,10 +280,13 @@ def open_regular(path: str) -> tuple[int, int]:
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise UnsafeFileError(e.errno, "a symbolic link, not a regular file", path) from None
-        if e.errno in (errno.ENXIO, errno.EISDIR):  # a socket; a directory
+        if e.errno == errno.ENXIO:  # a socket
             raise UnsafeFileError(e.errno, "not a regular file", path) from None
         raise
     st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        os.close(fd)
+        raise IsADirectoryError(errno.EISDIR, "a directory, not a file", path)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise UnsafeFileError(errno.EINVAL, "not a regular file", path)
@@ -307,6 +317,34 @@ class LocalReadFile:
         os.close(self._fd)
 
 
+# F_FULLFSYNC's errors that mean "not on this filesystem" (network and FUSE mounts),
+# where fsync is the best there is; any other error is an I/O failure of the save.
+_FULLFSYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOTTY, errno.EBADF}
+
+
+def sync_file(fd: int) -> None:
+    """Make what was written to ``fd`` (a file or a directory) durable. On macOS
+    ``fsync`` only hands the data to the drive, whose cache a power cut can lose;
+    ``F_FULLFSYNC`` flushes that cache too, so it is used wherever it exists."""
+    full_fsync = getattr(fcntl, "F_FULLFSYNC", None) if fcntl is not None else None
+    if full_fsync is not None:
+        try:
+            fcntl.fcntl(fd, full_fsync)
+            return
+        except OSError as e:
+            if e.errno not in _FULLFSYNC_UNSUPPORTED:
+                raise
+    os.fsync(fd)
+
+
+def flush_data(fd: int) -> None:
+    """Start the disk on the data written to ``fd`` so far, without its metadata:
+    ``fdatasync``, or ``fsync`` where there is none (macOS). Durability comes from
+    :func:`sync_file` at the end; this only overlaps the disk's work with the writer's."""
+    fdatasync = getattr(os, "fdatasync", None)
+    (fdatasync or os.fsync)(fd)
+
+
 def _writev_all(fd: int, views: list[memoryview]) -> int:
     total = sum(v.nbytes for v in views)
     if not hasattr(os, "writev"):  # pragma: no cover - Windows
@@ -333,7 +371,7 @@ def skip_transferred(buffers: list[memoryview], n: int) -> list[memoryview]:
 
 
 class _Flusher:
-    """Calls ``fdatasync`` on a file in a helper thread whenever another
+    """Calls ``flush_data`` (``fdatasync``) on a file in a helper thread whenever another
     ``_FLUSH_EVERY`` bytes were written to it, overlapping the disk's work with the
     writer's. ``finish`` stops it and raises what a flush raised."""
 
@@ -362,7 +400,7 @@ class _Flusher:
                     return
                 target = self._latest
             try:
-                os.fdatasync(self._fd)
+                flush_data(self._fd)
             except OSError as e:
                 self._error = e
                 return
