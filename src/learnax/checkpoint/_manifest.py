@@ -185,6 +185,8 @@ def _validate_manifest(m: Any, path: str) -> None:
         raise bad("'arrays' is not an object")
     if not isinstance(m.get("metrics"), dict):
         raise bad("'metrics' is not an object")
+    if "tree" not in m:
+        raise bad("no 'tree'")
 
 
 def check_array_entry(
