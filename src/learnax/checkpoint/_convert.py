@@ -1,8 +1,8 @@
 """Checkpoints in from other formats, and out to one safetensors file.
 
-Sources: a legacy ``state_*.pyd`` pickle of the original learnax (only when the caller
-allows unpickling), an Orbax checkpoint directory (read by orbax itself), a
-safetensors file, or a learnax checkpoint. The state is loaded into host memory and
+Sources: a legacy ``state_*.pyd`` pickle of the original learnax (read without running
+anything from it; unpickled only when the caller allows it), an Orbax checkpoint
+directory (read by orbax itself), a safetensors file, or a learnax checkpoint. The state is loaded into host memory and
 written as a learnax checkpoint, or its arrays as one safetensors file.
 """
 
@@ -50,14 +50,16 @@ def convert(
     - `dst`: a learnax checkpoint directory (``<registry>/<run>/checkpoints/state_<name>``,
       loadable with ``Checkpointer(registry, run).load_checkpoint(name)``), or a path
       ending in ``.safetensors``: the arrays in one file, named by tree path.
-    - `allow_pickle`: needed for a legacy pickle (unpickling runs code from the file).
+    - `allow_pickle`: for a legacy pickle that cannot be read without running code
+      from it: unpickle it anyway (only for files you trust). The original learnax's
+      own pickles need no such permission.
     - `step`: the step to store when the source has none (else 0).
     - `only`: a subtree to keep, as keys joined by "/" (e.g. ``"params"``).
     - `storage_options`: options for the fsspec filesystem of URLs.
 
     **Returns:** the path written.
 
-    **Example:** `convert("old/state_1000.pyd", "runs/x/checkpoints/state_1000", allow_pickle=True)`
+    **Example:** `convert("old/state_1000.pyd", "runs/x/checkpoints/state_1000")`
     """
     state, found_step, metrics = load_source(
         src, allow_pickle=allow_pickle, storage_options=storage_options
