@@ -430,6 +430,28 @@ def test_a_pickle_cannot_allocate_more_than_its_size(make_checkpointer, data):
     assert peak < 50 * 2**20
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        # BUILD on the global builtins.set with {"fn": builtins.frozenset}: as attributes.
+        pytest.param(b"cbuiltins\nset\n(dS'fn'\ncbuiltins\nfrozenset\nsb.", id="dict-state"),
+        # The same as a (None, slots) state: setattr.
+        pytest.param(b"cbuiltins\nset\n(N(dS'fn'\ncbuiltins\nfrozenset\nstb.", id="slot-state"),
+        pytest.param(b"cnumpy\nndarray\n(dS'name'\nS'x'\nsb.", id="marker"),
+    ],
+)
+def test_a_pickle_cannot_change_what_the_next_pickle_is_read_with(make_checkpointer, data):
+    ckpt = make_checkpointer()
+    write_pyd(ckpt.checkpoint_dir, "7", data)
+    with pytest.raises(LegacyPickleError):
+        ckpt.load_checkpoint(7)
+
+    for valid in VALID:
+        write_pyd(ckpt.checkpoint_dir, "3", valid)
+        misc = ckpt.load_checkpoint(3)["state"]["misc"]
+        assert type(misc[6]) is set and misc[6] == {1, 2}
+
+
 def test_an_array_whose_data_does_not_match_its_shape_is_corrupted(make_checkpointer):
     data = bytearray(pickle.dumps({"state": np.arange(4, dtype=np.int32)}, protocol=2))
     # The shape tuple (4,) becomes (5,): 20 bytes expected, 16 stored.

@@ -253,10 +253,22 @@ def stand_in_class(module: str, name: str) -> type:
 # --------------------------------------------------------------------------- numpy
 
 
-class _Marker:
+class _Frozen:
+    """What a pickle may hold but never change: BUILD would set its attributes (and
+    these objects outlive one load)."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        raise NeedsCode(f"it sets the state of {getattr(self, 'name', type(self).__name__)}")
+
+
+class _Marker(_Frozen):
     """A global that is only an argument of another (``numpy.ndarray`` for
     ``_reconstruct``, ``builtins.object`` for ``copyreg._reconstructor``); as a type
     it would let NEWOBJ allocate at will."""
+
+    __slots__ = ("name",)
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -265,13 +277,17 @@ class _Marker:
 class _ScalarType(_Marker):
     """A NumPy or ml_dtypes scalar type, as the argument of ``numpy.dtype``."""
 
+    __slots__ = ("cls",)
+
     def __init__(self, name: str, cls: type) -> None:
         super().__init__(name)
         self.cls = cls
 
 
-class _Allowed:
+class _Allowed(_Frozen):
     """A global the restricted unpickler may call: ``fn`` checks its arguments."""
+
+    __slots__ = ("name", "fn")
 
     def __init__(self, name: str, fn: Callable[..., Any]) -> None:
         self.name, self.fn = name, fn
@@ -309,18 +325,20 @@ class _DTypeBuilder:
             raise ValueError(f"invalid byte order {order!r:.20}")
 
 
-class _ArrayBuilder:
-    """An array made by ``numpy.core.multiarray._reconstruct``, filled by its state."""
+class _Built:
+    """A NumPy array or scalar the pickle made, which finishing unwraps. The pickle holds
+    this, never the value itself, so that no state from the file reaches NumPy's own
+    ``__setstate__``. Empty, it is the array of ``_reconstruct``, filled by its state."""
 
-    __slots__ = ("array",)
+    __slots__ = ("value",)
 
-    def __init__(self) -> None:
-        self.array: np.ndarray | None = None
+    def __init__(self, value: np.ndarray | np.generic | None = None) -> None:
+        self.value = value
 
     def __setstate__(self, state: Any) -> None:
-        if self.array is not None:
-            raise ValueError("an array given a state twice")
-        self.array = _array_from_state(state)
+        if self.value is not None:
+            raise ValueError("a state given to an array or scalar that has its data")
+        self.value = _array_from_state(state)
 
 
 def _dtype_of(x: Any) -> np.dtype:
@@ -361,25 +379,25 @@ def _array_from_state(state: Any) -> np.ndarray:
     return _array_from_bytes(raw, dtype, shape, "F" if fortran else "C")
 
 
-def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _ArrayBuilder:
+def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _Built:
     # numpy pickles every array as _reconstruct(ndarray, (0,), b"b") + its state.
     if not (isinstance(cls, _Marker) and cls.name == "numpy.ndarray") or shape != (0,):
         raise NeedsCode("it calls numpy's _reconstruct with other than an empty ndarray")
-    return _ArrayBuilder()
+    return _Built()
 
 
-def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> _Built:
     # Protocol 5: numpy pickles a contiguous array as _frombuffer(data, dtype, shape, order).
     if order not in ("C", "F"):
         raise ValueError(f"invalid array order {order!r:.20}")
-    return _array_from_bytes(buffer, dtype, shape, order)
+    return _Built(_array_from_bytes(buffer, dtype, shape, order))
 
 
-def _scalar(dtype: Any, data: Any) -> np.generic:
+def _scalar(dtype: Any, data: Any) -> _Built:
     dtype = _dtype_of(dtype)
     if not isinstance(data, bytes) or len(data) != dtype.itemsize:
         raise ValueError(f"invalid data for a {dtype} scalar")
-    return np.frombuffer(data, dtype)[0]
+    return _Built(np.frombuffer(data, dtype)[0])
 
 
 def _dtype(code: Any, align: Any = False, copy: Any = False) -> _DTypeBuilder:
@@ -390,7 +408,7 @@ def _dtype(code: Any, align: Any = False, copy: Any = False) -> _DTypeBuilder:
     return _DTypeBuilder(np.dtype(code))
 
 
-def _jax_array(fun: Any, args: Any, array_state: Any, aval_state: Any) -> np.ndarray:
+def _jax_array(fun: Any, args: Any, array_state: Any, aval_state: Any) -> _Built:
     # jax.Array.__reduce__: numpy's _reconstruct(*args), its __setstate__(array_state),
     # then a device_put. Only the NumPy data is kept: loads return NumPy arrays.
     if fun is not _ALLOWED[("numpy._core.multiarray", "_reconstruct")]:
@@ -398,7 +416,7 @@ def _jax_array(fun: Any, args: Any, array_state: Any, aval_state: Any) -> np.nda
     if not isinstance(args, tuple) or not isinstance(aval_state, dict):
         raise ValueError("invalid jax array")
     _reconstruct(*args)
-    return _array_from_state(array_state)
+    return _Built(_array_from_state(array_state))
 
 
 # --------------------------------------------------------------------------- builtins
@@ -535,10 +553,10 @@ class _Finisher:
         return result
 
     def _finish_one(self, x: Any, depth: int) -> Any:
-        if isinstance(x, _ArrayBuilder):
-            if x.array is None:
+        if isinstance(x, _Built):
+            if x.value is None:
                 raise ValueError("an array without data")
-            return x.array
+            return x.value
         if isinstance(x, _DTypeBuilder):
             return x.dtype
         if isinstance(x, _ScalarType):
