@@ -452,6 +452,15 @@ def test_a_pickle_cannot_change_what_the_next_pickle_is_read_with(make_checkpoin
         assert type(misc[6]) is set and misc[6] == {1, 2}
 
 
+def test_a_pickle_naming_many_classes_cannot_make_memory_from_nothing(make_checkpointer):
+    # 20,000 distinct classes of a module that is not imported, 20 bytes each.
+    body = b"".join(b"cnot_imported\nC%d\n)\x81" % i for i in range(20000))
+    ckpt = make_checkpointer()
+    write_pyd(ckpt.checkpoint_dir, "7", b"\x80\x02(" + body + b"l.")
+    with pytest.raises(CheckpointCorruptedError, match="classes"):
+        ckpt.load_checkpoint(7)
+
+
 def test_an_array_whose_data_does_not_match_its_shape_is_corrupted(make_checkpointer):
     data = bytearray(pickle.dumps({"state": np.arange(4, dtype=np.int32)}, protocol=2))
     # The shape tuple (4,) becomes (5,): 20 bytes expected, 16 stored.

@@ -42,6 +42,9 @@ logger = logging.getLogger("learnax")
 
 # Deeper nesting than this is refused: finishing recurses, a few frames a level.
 _MAX_DEPTH = 100
+# More classes than this in one file is refused: each costs far more memory than the
+# few bytes that name it (a train state has a dozen).
+_MAX_CLASSES = 1000
 
 # A NamedTuple pickles its values, not its field names. These are the fields of the
 # classes the original learnax pickled, for when their module is not imported here:
@@ -155,6 +158,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             found = resolve_global(module, name)
             if not isinstance(found, type):
                 return found
+            if len(self._stand_ins) >= _MAX_CLASSES:
+                raise ValueError(f"more than {_MAX_CLASSES} classes")
             self._stand_ins[(module, name)] = found
         return self._stand_ins[(module, name)]
 
@@ -238,6 +243,8 @@ class _Finisher:
             return dict(zip(names, values, strict=True))
         key = (module, name, tuple(names))
         if key not in self.classes:
+            if len(self.classes) >= _MAX_CLASSES:
+                raise ValueError(f"more than {_MAX_CLASSES} NamedTuple classes")
             self.classes[key] = _tree.namedtuple_class(module, name, names)
         # tuple.__new__, not the class: an imported class's own __new__ could run code.
         return tuple.__new__(self.classes[key], values)
