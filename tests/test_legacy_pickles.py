@@ -225,6 +225,25 @@ def test_learnax_convert_converts_the_original_pickles_without_allow_pickle(
         assert_state_matches(loaded["state"], original_files, name)
 
 
+def test_load_latest_skips_a_damaged_latest_pickle_for_the_newest_numbered(original_run):
+    checkpoints = original_run / RUN / "checkpoints"
+    (checkpoints / "state_latest.pyd").write_bytes(b"\x80\x04garbage")
+
+    with pytest.warns(UserWarning, match="state_latest.pyd"):
+        loaded = Checkpointer(original_run, RUN).load_latest()
+
+    assert loaded["step"] == 100
+
+
+def test_load_latest_reads_no_numbered_pickle_older_than_latest(original_run, tmp_path):
+    marker = tmp_path / "pwned"
+    checkpoints = original_run / RUN / "checkpoints"
+    (checkpoints / "state_100.pyd").write_bytes(payloads(marker)["os.system"][0])
+
+    assert Checkpointer(original_run, RUN).load_latest()["step"] == 150
+    assert not marker.exists()
+
+
 def test_the_original_pickles_need_no_allow_pickle_and_run_no_warning(original_run, caplog):
     caplog.set_level("WARNING", logger="learnax")
     assert Checkpointer(original_run, RUN).load_latest() is not None
@@ -359,7 +378,7 @@ def test_load_latest_on_a_run_of_pickles_that_need_code_names_learnax_convert(
     [
         pytest.param(b"", id="empty"),
         pytest.param(b"not a pickle at all", id="text"),
-        pytest.param(os.urandom(64), id="random"),
+        pytest.param(b"\xfe" + bytes(range(63)), id="binary"),
         pytest.param(pickle.dumps({"state": np.arange(100)})[:-20], id="truncated"),
         pytest.param(b"\x80\x04\x95" + b"\xff" * 8, id="frame-too-long"),
         # BINBYTES8 announcing a terabyte: refused before anything is allocated.

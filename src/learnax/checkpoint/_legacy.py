@@ -96,8 +96,8 @@ def _as_loaded(obj: Any, storage: Storage, path: str) -> LoadedCheckpoint:
 def _step(value: Any, path: str) -> int | None:
     """The step a file records: an int, a NumPy or jax integer (a train state's step),
     or ``None`` when it recorded none."""
-    if value is None:
-        return None
+    if value is None or type(value) is int:
+        return value
     if not isinstance(value, bool) and np.ndim(value) == 0:
         if np.issubdtype(np.asarray(value).dtype, np.integer):
             return int(value)
