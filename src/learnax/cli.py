@@ -27,12 +27,14 @@ from learnax.checkpoint import (
     CheckpointInfo,
     CheckpointSummary,
     LeafInfo,
+    LegacyPickleError,
     Location,
     RunSummary,
     checkpoint_path,
     convert,
     diff,
     find_checkpoints,
+    find_legacy_pickles,
     list_checkpoints,
     list_runs,
     locate,
@@ -139,7 +141,7 @@ def _add_convert(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
     conv.add_argument(
         "--allow-pickle",
         action="store_true",
-        help="read a legacy pickle (this runs code from the file)",
+        help="unpickle a legacy pickle that needs code to be read (this runs code from the file)",
     )
     conv.add_argument("--step", type=_non_negative, help="the step, when the source has none")
     conv.add_argument("--only", metavar="SUBTREE", help='keep a subtree, e.g. "params"')
@@ -223,6 +225,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         rows = [
             _checkpoint_row(c) for c in list_checkpoints(path, storage_options=args.storage_options)
         ]
+        pickles = find_legacy_pickles(path, storage_options=args.storage_options)
         headers = ["name", "step", "time", "size", "metrics", "status"]
         cells = [
             [
@@ -235,7 +238,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
             ]
             for r in rows
         ]
-        return _listing(args, {"path": path, "checkpoints": rows}, headers, cells, "checkpoints")
+        listing = {"path": path, "checkpoints": rows, "legacy_pickles": pickles}
+        return _listing(args, listing, headers, cells, "checkpoints", _pickles_note(pickles))
     rows = [_run_row(r) for r in list_runs(path, storage_options=args.storage_options)]
     headers = ["run", "checkpoints", "newest step", "best", "size", "last write"]
     cells = [
@@ -258,15 +262,32 @@ def _listing(
     headers: list[str],
     cells: list[list[str]],
     what: str,
+    note: str | None = None,
 ) -> int:
-    """Print a listing as JSON (``--json``) or as a table, saying so when it is empty."""
+    """Print a listing as JSON (``--json``) or as a table and its ``note``, saying so
+    when it is empty."""
     if args.json:
         _print_json(as_json)
         return 0
     _print_table(headers, cells)
-    if not cells:
+    if not cells and note is None:
         print(f"(no {what} in {as_json['path']})")
+    if note is not None:
+        print(("" if cells else f"(no learnax checkpoints in {as_json['path']}) ") + note)
     return 0
+
+
+def _pickles_note(pickles: list[str]) -> str | None:
+    """What to say of the original learnax's pickles beside a listing; ``None`` when
+    there are none."""
+    if not pickles:
+        return None
+    names = ", ".join(p.rpartition("/")[2] for p in pickles)
+    return (
+        f"{len(pickles)} pickle checkpoint(s) of the original learnax: {names} (loads read "
+        "them; to convert one: learnax convert <run>/checkpoints/state_<name>.pyd "
+        "<run>/checkpoints/state_<name>)"
+    )
 
 
 def _checkpoint_row(c: CheckpointSummary) -> dict[str, Any]:
@@ -366,7 +387,14 @@ def _info_json(path: str, info: CheckpointInfo) -> dict[str, Any]:
 def cmd_verify(args: argparse.Namespace) -> int:
     kind, path = _open(args, args.path)
     checkpoints = find_checkpoints(path, storage_options=args.storage_options)
+    pickles = find_legacy_pickles(path, storage_options=args.storage_options)
+    note = _pickles_note(pickles)
     if not checkpoints:
+        if note is not None:
+            raise UsageError(
+                f"no learnax checkpoints under {path} to verify. {note}. Pickles have no "
+                "checksums: verify checks them once converted."
+            )
         raise UsageError(f"no checkpoints under {path}")
     bar = _progress(len(checkpoints))
     results: list[tuple[str, str | None]] = []
@@ -384,6 +412,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     print(f"{len(results)} checkpoint(s) verified, {len(damaged)} damaged")
+    if note is not None:
+        print(f"Not verified (pickles have no checksums): {note}")
     return 1 if damaged else 0
 
 
@@ -428,20 +458,17 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    if args.src.endswith(".pyd"):
-        if not args.allow_pickle:
-            raise UsageError(
-                f"{args.src} is a pickle: reading it runs code from the file. If you trust "
-                "it, pass --allow-pickle."
-            )
-    written = convert(
-        args.src,
-        args.dst,
-        allow_pickle=args.allow_pickle,
-        step=args.step,
-        only=args.only,
-        storage_options=args.storage_options,
-    )
+    try:
+        written = convert(
+            args.src,
+            args.dst,
+            allow_pickle=args.allow_pickle,
+            step=args.step,
+            only=args.only,
+            storage_options=args.storage_options,
+        )
+    except LegacyPickleError as e:  # the user's call: --allow-pickle
+        raise UsageError(str(e).replace("allow_pickle=True", "--allow-pickle")) from None
     print(f"wrote {written}")
     return 0
 

@@ -458,7 +458,9 @@ class Checkpointer:
         - `target`: optional pytree (arrays or ``jax.ShapeDtypeStruct``, with or
           without shardings) to restore into: the state comes back in its types and
           structure, arrays on its shardings. It may be a part of the saved tree.
-        - `allow_pickle`: allow loading a legacy ``.pyd`` pickle (runs code from it).
+        - `allow_pickle`: for a ``state_*.pyd`` pickle of the original learnax that
+          cannot be read without running code from it: unpickle it anyway (only for
+          files you trust). The original's own pickles need no such permission.
 
         **Returns:** ``{"state", "step", "time", "metrics"}``, or ``None`` when there is
         no such checkpoint. Raises :class:`CheckpointCorruptedError` when it fails
@@ -504,7 +506,7 @@ class Checkpointer:
         if loaded is not None:
             return loaded
         return _legacy.load_newest_legacy(
-            self._storage, self.checkpoint_dir, self._run.legacy_files(), allow_pickle
+            self._storage, self.checkpoint_dir, self._run.legacy_files(), allow_pickle, target
         )
 
     def _load_newest(self, target: Any) -> tuple[LoadedCheckpoint | None, bool]:
@@ -542,7 +544,7 @@ class Checkpointer:
     def _load_path(self, path: str, target: Any, allow_pickle: bool) -> LoadedCheckpoint | None:
         legacy = path if path.endswith(_legacy.SUFFIX) else path + _legacy.SUFFIX
         if not self._storage.isdir(path) and self._storage.isfile(legacy):
-            return _legacy.load_legacy(self._storage, legacy, allow_pickle)
+            return _legacy.load_legacy(self._storage, legacy, allow_pickle, target)
         return self._read(path, target)
 
     def _read(self, directory: str, target: Any) -> LoadedCheckpoint | None:

@@ -1,9 +1,14 @@
 """Checkpoints in from other formats, and out to one safetensors file.
 
-Sources: a legacy ``state_*.pyd`` pickle of the original learnax (only when the caller
-allows unpickling), an Orbax checkpoint directory (read by orbax itself), a
-safetensors file, or a learnax checkpoint. The state is loaded into host memory and
-written as a learnax checkpoint, or its arrays as one safetensors file.
+Sources: a legacy ``state_*.pyd`` pickle of the original learnax (read without running
+anything from it; unpickled only when the caller allows it), an Orbax checkpoint
+directory (``_orbax``: every item of a step), a safetensors file, or a learnax
+checkpoint. The state is loaded into host memory and written as a learnax checkpoint,
+or its arrays as one safetensors file.
+
+A safetensors export names each array by its tree path, keys joined by "/"; inside a
+key, "%" is written "%25" and "/" "%2F", and an empty key "%00", so that converting the
+file back nests the names into the same dicts again.
 """
 
 from __future__ import annotations
@@ -11,12 +16,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from typing import Any
 
 import jax
 import numpy as np
 
-from . import _legacy, _tree
+from . import _legacy, _orbax, _tree
 from ._dtypes import SAFETENSORS_CODES, dtype_from_name, dtype_name
 from ._errors import CheckpointCorruptedError
 from ._manifest import MANIFEST
@@ -45,19 +51,26 @@ def convert(
 
     **Arguments:**
 
-    - `src`: a legacy ``state_*.pyd`` pickle, an Orbax checkpoint directory, a
-      ``.safetensors`` file, or a learnax checkpoint directory.
+    - `src`: a legacy ``state_*.pyd`` pickle, an Orbax checkpoint directory (an item,
+      or a ``CheckpointManager`` step with all its items: several come in as
+      ``{item: value}``, the manager's metrics as the checkpoint's), a ``.safetensors``
+      file (its tensors nested by the "/" in their names), or a learnax checkpoint
+      directory.
     - `dst`: a learnax checkpoint directory (``<registry>/<run>/checkpoints/state_<name>``,
       loadable with ``Checkpointer(registry, run).load_checkpoint(name)``), or a path
-      ending in ``.safetensors``: the arrays in one file, named by tree path.
-    - `allow_pickle`: needed for a legacy pickle (unpickling runs code from the file).
+      ending in ``.safetensors``: the arrays in one file, named by tree path (keys
+      joined by "/"; in a key "%" is written "%25", "/" "%2F" and the empty key
+      "%00"). Converting such a file back nests its names into the same dicts.
+    - `allow_pickle`: for a legacy pickle that cannot be read without running code
+      from it: unpickle it anyway (only for files you trust). The original learnax's
+      own pickles need no such permission.
     - `step`: the step to store when the source has none (else 0).
     - `only`: a subtree to keep, as keys joined by "/" (e.g. ``"params"``).
     - `storage_options`: options for the fsspec filesystem of URLs.
 
     **Returns:** the path written.
 
-    **Example:** `convert("old/state_1000.pyd", "runs/x/checkpoints/state_1000", allow_pickle=True)`
+    **Example:** `convert("old/state_1000.pyd", "runs/x/checkpoints/state_1000")`
     """
     state, found_step, metrics = load_source(
         src, allow_pickle=allow_pickle, storage_options=storage_options
@@ -107,63 +120,24 @@ def load_source(
         loaded = _legacy.load_legacy(storage, src, allow_pickle)
         return jax.device_get(loaded["state"]), loaded["step"], loaded["metrics"]
     if src.endswith(".safetensors"):
-        return read_safetensors(storage, src), None, {}
+        return nest_names(read_safetensors(storage, src), src), None, {}
     if storage.isfile(storage.join(src, MANIFEST)):
         return _load_learnax(storage, src)
     if storage.isdir(src):
-        if not _looks_like_orbax(src):
+        if not _orbax.looks_like_orbax(src):
             raise ValueError(
                 f"{src} is a directory but neither a learnax checkpoint (no manifest.json) "
                 "nor an Orbax one (no _METADATA or _CHECKPOINT_METADATA)"
             )
         if "://" in src:
             raise ValueError(f"{src}: Orbax checkpoints are converted from local paths only")
-        return _load_orbax(os.path.abspath(src))  # orbax wants absolute paths
+        return _orbax.load_orbax(os.path.abspath(src))  # orbax wants absolute paths
     raise FileNotFoundError(f"No checkpoint at {src}")
 
 
 def _load_learnax(storage: Storage, path: str) -> tuple[Any, int, dict[str, Any]]:
     loaded = read_checkpoint(storage, path)
     return loaded["state"], loaded["step"], loaded["metrics"]
-
-
-def _looks_like_orbax(path: str) -> bool:
-    markers = ("_METADATA", "_CHECKPOINT_METADATA")
-    if any(os.path.exists(os.path.join(path, m)) for m in markers):
-        return True
-    return any(
-        os.path.exists(os.path.join(path, e, "_METADATA"))
-        for e in os.listdir(path)
-        if os.path.isdir(os.path.join(path, e))
-    )
-
-
-def _load_orbax(path: str) -> tuple[Any, int | None, dict[str, Any]]:
-    try:
-        import orbax.checkpoint as ocp
-    except ImportError:
-        raise ImportError(
-            f"{path} looks like an Orbax checkpoint; reading it needs orbax: "
-            "pip install orbax-checkpoint"
-        ) from None
-    step = None
-    name = os.path.basename(path.rstrip("/"))
-    if name.isdigit():  # a CheckpointManager step directory: <dir>/<step>/<item>/
-        step = int(name)
-    if not os.path.exists(os.path.join(path, "_METADATA")):
-        items = [
-            e
-            for e in sorted(os.listdir(path))
-            if os.path.exists(os.path.join(path, e, "_METADATA"))
-        ]
-        if len(items) != 1:
-            raise ValueError(
-                f"{path} is neither a learnax nor a single-item Orbax checkpoint "
-                f"(items found: {items})"
-            )
-        path = os.path.join(path, items[0])
-    state = ocp.StandardCheckpointer().restore(path)
-    return jax.device_get(state), step, {}
 
 
 def subtree(state: Any, only: str) -> Any:
@@ -183,24 +157,45 @@ def subtree(state: Any, only: str) -> Any:
 
 
 def named_arrays(state: Any, prefix: str = "") -> dict[str, np.ndarray]:
-    """The arrays of a tree by path (keys joined by "/", under ``prefix``). Python
-    scalars and strings, which safetensors cannot hold, are left out (logged); an array
-    of a dtype that safetensors has no code for raises ``ValueError`` naming it (its
-    bytes would come back as another dtype)."""
+    """The arrays of a tree by path (keys escaped by :func:`escape_key` and joined by
+    "/", under ``prefix``). Python scalars and strings, which safetensors cannot hold,
+    are left out (logged); an array of a dtype that safetensors has no code for, or two
+    leaves that would get one name (the int key 0 and the str key "0"), raise
+    ``ValueError`` naming them."""
     tree, leaves = _tree.encode_tree(state)
-    prefix = prefix.strip("/")
-    out = {}
+    base = [escape_key(k) for k in prefix.strip("/").split("/")] if prefix.strip("/") else []
+    out: dict[str, np.ndarray] = {}
+    paths: dict[str, str] = {}
     for leaf in leaves:
-        if leaf.kind == "key":
-            raise ValueError(f"Leaf at {leaf.path} is a PRNG key: safetensors cannot hold it")
-        if dtype_name(leaf.value.dtype) not in SAFETENSORS_CODES:
+        _check_exportable(leaf)
+        keys = [escape_key(str(_tree.plain_key(k))) for k in leaf.keypath]
+        name = "/".join([*base, *keys]) or "_"  # a lone array without prefix: "_"
+        if name == "__metadata__":
             raise ValueError(
-                f"Leaf at {leaf.path} has dtype {leaf.value.dtype}, which safetensors has no "
-                "code for; export the other leaves with --only"
+                f"Leaf at {leaf.path} would be named '__metadata__', which safetensors "
+                "reserves; export the other leaves with --only"
             )
-        # A lone array (the tree is one leaf) is named by the prefix itself.
-        name = "/".join(p for p in (prefix, "" if leaf.name == "_" else leaf.name) if p)
-        out[name or "_"] = np.asarray(leaf.value)
+        if name in paths:
+            raise ValueError(
+                f"Leaves at {paths[name]} and {leaf.path} would get the same "
+                f"name {name!r} in the safetensors file; export them apart with --only"
+            )
+        out[name], paths[name] = np.asarray(leaf.value), leaf.path
+    _log_left_out(tree)
+    return out
+
+
+def _check_exportable(leaf: _tree.ArrayLeaf) -> None:
+    if leaf.kind == "key":
+        raise ValueError(f"Leaf at {leaf.path} is a PRNG key: safetensors cannot hold it")
+    if dtype_name(leaf.value.dtype) not in SAFETENSORS_CODES:
+        raise ValueError(
+            f"Leaf at {leaf.path} has dtype {leaf.value.dtype}, which safetensors has no "
+            "code for; export the other leaves with --only"
+        )
+
+
+def _log_left_out(tree: _tree.Node) -> None:
     skipped = [
         path for path, node in _tree.leaf_nodes(tree) if node is not None and "array" not in node
     ]
@@ -209,7 +204,46 @@ def named_arrays(state: Any, prefix: str = "") -> dict[str, np.ndarray]:
             "Left out of the safetensors file (not arrays): %s",
             ", ".join("/".join(map(str, p)) for p in skipped[:10]),
         )
-    return out
+
+
+_ESCAPES = {"%25": "%", "%2F": "/"}
+
+
+def escape_key(key: str) -> str:
+    """One key of a tensor name: "%" as "%25", "/" as "%2F", the empty key as "%00"."""
+    return "%00" if key == "" else key.replace("%", "%25").replace("/", "%2F")
+
+
+def unescape_key(part: str) -> str:
+    """The key :func:`escape_key` wrote as ``part``; other "%" sequences stay as they
+    are (names written by other tools)."""
+    if part == "%00":
+        return ""
+    return re.sub("%25|%2F", lambda m: _ESCAPES[m.group()], part)
+
+
+def nest_names(arrays: dict[str, np.ndarray], where: str) -> dict[str, Any]:
+    """Tensors named by "/"-joined paths as nested dicts (``{"params/w": x}`` ->
+    ``{"params": {"w": x}}``). Names that do not form a tree (``a`` and ``a/b``) are
+    kept flat, with a warning."""
+    root: dict[str, Any] = {}
+    for name, value in arrays.items():
+        *parents, last = [unescape_key(p) for p in name.split("/")]
+        node = root
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                break
+        if not isinstance(node, dict) or last in node:
+            logger.warning(
+                "%s: the tensor names do not form a tree (%r clashes with another name): "
+                "its tensors are kept by their full names",
+                where,
+                name,
+            )
+            return dict(arrays)
+        node[last] = value
+    return root
 
 
 def write_safetensors(storage: Storage, path: str, arrays: dict[str, np.ndarray]) -> None:

@@ -38,9 +38,11 @@ class CheckpointCorruptedError(CheckpointError):
 
 
 class LegacyPickleError(CheckpointError):
-    """A ``state_*.pyd`` pickle from the original learnax was found, and loading it was
-    not allowed. Unpickling runs code from the file: pass ``allow_pickle=True`` only for
-    files you trust.
+    """A ``state_*.pyd`` pickle cannot be read without running code from it, and that
+    was not allowed. The original learnax's own pickles (NumPy arrays, its
+    ``TrainState``, optax states) are read without it; a pickle that names anything
+    else (a function, a class with behaviour) is refused, naming it. Pass
+    ``allow_pickle=True`` only for files you trust: it unpickles them.
 
     **Example:**
 

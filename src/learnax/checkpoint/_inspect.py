@@ -203,6 +203,27 @@ def find_checkpoints(path: str, *, storage_options: dict[str, Any] | None = None
     return checkpoints_under(storage, path)
 
 
+def find_legacy_pickles(path: str, *, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """The pickle checkpoints of the original learnax (``state_<name>.pyd`` files) under
+    ``path``: those of a run, or of every run of a registry; none for a checkpoint.
+    They are not checkpoints of this format (no manifest, no checksums): loads read
+    them, ``learnax convert`` converts them. Raises ``FileNotFoundError`` when nothing
+    is there.
+
+    **Example:** `[p.rpartition("/")[2] for p in find_legacy_pickles("runs/old-run")]`
+    """
+    storage, path = open_storage(str(path), storage_options)
+    kind = path_kind(storage, path)
+    if kind == "checkpoint":
+        return []
+    runs = [path] if kind == "run" else run_dirs(storage, path)
+    out = []
+    for run in runs:
+        directory = _run_directory(storage, run)
+        out += [directory.join(name) for name in directory.legacy_files()]
+    return out
+
+
 def checkpoint_path(run: str, name: str, *, storage_options: dict[str, Any] | None = None) -> str:
     """The directory of checkpoint ``name`` of ``run``, committed or not: ``name`` is
     ``"latest"``, ``"best"``, a step (``"1000"``), a key of

@@ -350,8 +350,18 @@ class RunDirectory:
         )
 
     def legacy_files(self) -> list[str]:
-        """The original learnax's pickle checkpoints here (``state_<name>.pyd``)."""
-        return self.scan()[1]
+        """The original learnax's pickle checkpoints here (``state_<name>.pyd``), in the
+        order of :meth:`names`: latest, best, the numbered ones by step, then others."""
+        found = self.scan()[1]
+        fixed = [checkpoint_name(k) + LEGACY_SUFFIX for k in (LATEST, BEST)]
+
+        def order(entry: str) -> tuple[int, float, str]:
+            if entry in fixed:
+                return (0, fixed.index(entry), entry)
+            step = legacy_step(entry)
+            return (1, step, entry) if math.isfinite(step) else (2, 0, entry)
+
+        return sorted(found, key=order)
 
     def best_record(self, metric_name: str, minimize: bool) -> BestRecord | None:
         """The record of ``state_best``; ``None`` when there is none or it cannot be read

@@ -415,27 +415,38 @@ def _decode_scalar(tag: str, value: Any, path: KeyPath) -> Any:
 
 
 def _namedtuple_class(node: Mapping[str, Any], path: KeyPath) -> type:
-    """The NamedTuple class to rebuild, without importing or calling anything.
-
-    The original class is used when its module is already imported and the class found
-    there (by static lookup) has the same fields; otherwise an equivalent namedtuple.
-    """
+    """The NamedTuple class of a stored node (see :func:`namedtuple_class`)."""
     module, qualname, fields = node.get("module"), node.get("class"), node.get("fields")
     if not (isinstance(module, str) and isinstance(qualname, str) and isinstance(fields, list)):
         raise MalformedTreeError(f"malformed NamedTuple at {keystr(path)}")
-    if not all(
-        isinstance(f, str) and f.isidentifier() and not keyword.iskeyword(f) for f in fields
-    ):
+    if not valid_field_names(fields):
         raise MalformedTreeError(f"NamedTuple at {keystr(path)} has invalid field names")
-    if len(set(fields)) != len(fields) or any(f.startswith("_") for f in fields):
-        raise MalformedTreeError(f"NamedTuple at {keystr(path)} has invalid field names")
+    return namedtuple_class(module, qualname, fields)
+
+
+def valid_field_names(fields: list[Any]) -> bool:
+    """Whether ``fields`` can name the fields of a namedtuple: distinct identifiers, none
+    a keyword or starting with "_"."""
+    return all(
+        isinstance(f, str) and f.isidentifier() and not keyword.iskeyword(f) and f[0] != "_"
+        for f in fields
+    ) and len(set(fields)) == len(fields)
+
+
+def namedtuple_class(module: str, qualname: str, fields: list[str]) -> type:
+    """The NamedTuple class to rebuild, without importing or calling anything.
+
+    The original class is used when its module is already imported and the class found
+    there (by static lookup) has the same fields; otherwise an equivalent namedtuple of
+    the same name, module and ``fields`` (which must pass :func:`valid_field_names`).
+    """
     obj: Any = sys.modules.get(module)
     for part in qualname.split("."):
         if obj is None:
             break
         obj = inspect.getattr_static(obj, part, None)
     if (
-        isinstance(obj, type)
+        issubclass(type(obj), type)  # not isinstance: it would read obj.__class__
         and issubclass(obj, tuple)
         and inspect.getattr_static(obj, "_fields", None) == tuple(fields)
     ):
@@ -443,7 +454,7 @@ def _namedtuple_class(node: Mapping[str, Any], path: KeyPath) -> type:
     name = qualname.rsplit(".", 1)[-1]
     if not name.isidentifier() or keyword.iskeyword(name):
         name = "RestoredNamedTuple"
-    return collections.namedtuple(name, fields)  # type: ignore[misc]
+    return collections.namedtuple(name, fields, module=module)  # type: ignore[misc]
 
 
 # --------------------------------------------------------------------------- targets
