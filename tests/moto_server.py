@@ -78,6 +78,18 @@ class MotoServer:
     def storage_options(self, **extra) -> dict:
         return s3_storage_options(self.endpoint_url, **extra)
 
+    def create_bucket(self, name: str) -> None:
+        """Create bucket ``name`` on the server (boto3, the test credentials)."""
+        import boto3
+
+        boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        ).create_bucket(Bucket=name)
+
     def start(self, attempts: int = 3) -> MotoServer:
         # The port is free when chosen, but another process may take it before the
         # server binds it: then the server exits and we try another port.

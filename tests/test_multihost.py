@@ -805,18 +805,12 @@ def test_a_multi_host_save_to_s3_restores_on_another_process_count(tmp_path):
     S3-compatible server (moto on 127.0.0.1), 4 processes x 1 device restore their
     quarters from it."""
     pytest.importorskip("s3fs")
-    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("boto3")
     from moto_server import MotoServer
 
     server = MotoServer().start()
     try:
-        boto3.client(
-            "s3",
-            endpoint_url=server.endpoint_url,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-            region_name="us-east-1",
-        ).create_bucket(Bucket="multihost")
+        server.create_bucket("multihost")
         params = {"registry": "s3://multihost/reg", "storage_options": server.storage_options()}
         saved = launch("save", tmp_path / "save", processes=2, devices=2, params=params)
         results = saved.check()

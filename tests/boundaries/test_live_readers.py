@@ -124,16 +124,8 @@ def test_a_reader_racing_a_fast_writer_on_s3_never_sees_damage(moto_server):
     pytest.importorskip("s3fs")
     import uuid
 
-    import boto3
-
     name = f"learnax-live-{uuid.uuid4().hex[:12]}"
-    boto3.client(
-        "s3",
-        endpoint_url=moto_server.endpoint_url,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    ).create_bucket(Bucket=name)
+    moto_server.create_bucket(name)
     options = moto_server.storage_options()
     writer = _start_writer(f"s3://{name}/reg", options, seconds=10)
     counts = _poll(f"s3://{name}/reg", options, writer, seconds=10, pause=0.05)

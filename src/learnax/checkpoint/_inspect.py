@@ -181,15 +181,15 @@ def _run_directory(storage: Storage, run: str) -> RunDirectory:
 def checkpoints_under(storage: Storage, path: str) -> list[str]:
     """Every committed checkpoint directory under ``path`` (a checkpoint, a run or a
     registry)."""
-    kind = path_kind(storage, path)
-    if kind == "checkpoint":
+    if path_kind(storage, path) == "checkpoint":
         return [path]
-    runs = [path] if kind == "run" else run_dirs(storage, path)
-    out = []
-    for run in runs:
-        directory = _run_directory(storage, run)
-        out += [directory.join(name) for name in directory.names()]
-    return out
+    return [d.join(name) for d in _run_directories(storage, path) for name in d.names()]
+
+
+def _run_directories(storage: Storage, path: str) -> list[RunDirectory]:
+    """The run directory of ``path`` (a run), or those of every run of a registry."""
+    runs = [path] if path_kind(storage, path) == "run" else run_dirs(storage, path)
+    return [_run_directory(storage, run) for run in runs]
 
 
 def find_checkpoints(path: str, *, storage_options: dict[str, Any] | None = None) -> list[str]:
@@ -213,15 +213,9 @@ def find_legacy_pickles(path: str, *, storage_options: dict[str, Any] | None = N
     **Example:** `[p.rpartition("/")[2] for p in find_legacy_pickles("runs/old-run")]`
     """
     storage, path = open_storage(str(path), storage_options)
-    kind = path_kind(storage, path)
-    if kind == "checkpoint":
+    if path_kind(storage, path) == "checkpoint":
         return []
-    runs = [path] if kind == "run" else run_dirs(storage, path)
-    out = []
-    for run in runs:
-        directory = _run_directory(storage, run)
-        out += [directory.join(name) for name in directory.legacy_files()]
-    return out
+    return [d.join(name) for d in _run_directories(storage, path) for name in d.legacy_files()]
 
 
 def checkpoint_path(run: str, name: str, *, storage_options: dict[str, Any] | None = None) -> str:
