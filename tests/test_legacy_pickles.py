@@ -633,3 +633,55 @@ def test_convert_refuses_a_pickle_that_needs_code_naming_allow_pickle(tmp_path):
     assert "--allow-pickle" in done.stderr and "system" in done.stderr, describe(done)
     assert "Traceback" not in done.stderr
     assert not dst.exists() and not marker.exists()
+
+
+def _rebuilding_bomb(copies: int) -> bytes:
+    """One 1 MiB bytes object in the memo, then ``copies`` calls of numpy's _frombuffer
+    over it: a few dozen bytes each, a full copy each."""
+    import struct
+
+    big = 1 << 20
+    p = b"\x80\x04\x8e" + struct.pack("<Q", big) + b"\0" * big + b"\x94"  # memo 0
+    p += b"cnumpy\ndtype\n\x8c\x02u1\x85R\x94]\x94("  # dtype u1 (memo 1), a list, MARK
+    call = b"cnumpy._core.numeric\n_frombuffer\n(h\x00h\x01J" + struct.pack("<i", big)
+    p += (call + b"\x85\x8c\x01CtR") * copies + b"e."
+    return p
+
+
+def test_a_pickle_that_rebuilds_its_bytes_again_and_again_is_refused():
+    from learnax.checkpoint import _unpickle
+
+    assert len(_unpickle.restricted_load(_rebuilding_bomb(1), "one")) == 1
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointCorruptedError, match="more bytes than it holds"):
+            _unpickle.restricted_load(_rebuilding_bomb(300), "bomb")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20  # a few copies of the 1 MiB file, not 300
+
+
+def test_an_ordered_dict_given_attributes_by_the_pickle_is_refused():
+    from learnax.checkpoint import _unpickle
+
+    data = b"\x80\x02ccollections\nOrderedDict\n)R}X\x05\x00\x00\x00itemsccollections\nOrderedDict\nsb."
+    with pytest.raises(_unpickle.NeedsCode, match="attributes"):
+        _unpickle.restricted_load(data, "x")
+
+
+@pytest.mark.parametrize(
+    "fields", [{"step": [[1], [1, 2]]}, {"time": 10**400}, {"time": 1j}, {"step": np.ones(2)}]
+)
+def test_a_crafted_step_or_time_is_damage_and_load_latest_falls_back(make_checkpointer, fields):
+    ckpt = make_checkpointer()
+    for name, obj in (
+        ("state_5.pyd", {"state": {"a": 1}, "step": 5, "time": 1.0, **fields}),
+        ("state_2.pyd", {"state": {"a": 2}, "step": 2, "time": 1.0}),
+    ):
+        with open(os.path.join(ckpt.checkpoint_dir, name), "wb") as f:
+            pickle.dump(obj, f)
+    with pytest.raises(CheckpointCorruptedError):
+        ckpt.load_checkpoint("5")
+    with pytest.warns(UserWarning, match="state_5.pyd"):
+        assert ckpt.load_latest()["state"] == {"a": 2}

@@ -110,3 +110,24 @@ def test_any_crafted_value_gives_only_documented_errors(pristine, data, new, del
         except CheckpointCorruptedError:
             pass
         verify(str(registry))
+
+
+@pytest.mark.parametrize("fields", [5, {"0": "a"}, "ab", None, [None, 3]])
+def test_crafted_namedtuple_fields_with_a_target_are_damage(make_checkpointer, fields):
+    import collections
+
+    pair = collections.namedtuple("Pair", ["a", "b"])
+    ckpt = make_checkpointer()
+    path = ckpt.save_checkpoint({"w": np.arange(6.0), "n": pair(1, np.ones(2))}, step=3)
+
+    def plant(manifest):
+        for key, node in manifest["tree"]["dict"]:
+            if key == "n":
+                node["fields"] = fields
+
+    rewrite_manifest(path, plant)
+    for target in ({"w": np.zeros(6)}, None):
+        try:
+            ckpt.load_checkpoint(3, target=target)
+        except CheckpointCorruptedError:
+            pass

@@ -184,3 +184,33 @@ def test_convert_refuses_a_destination_that_is_not_canonical(make_checkpointer, 
     path = make_checkpointer().save_checkpoint(small_state(), step=1)
     with pytest.raises(ValueError, match="destination"):
         convert(path, f"{registry}/copy/checkpoints/{name}")
+
+
+def test_files_someone_else_put_in_a_checkpoint_directory_are_never_removed(registry, tmp_path):
+    ckpt = Checkpointer(registry, "run")
+    path = ckpt.save_latest(small_state(1), step=1)
+    (tmp_path / "precious.txt").write_text("x")
+    os.symlink(tmp_path / "precious.txt", os.path.join(path, "my_link"))
+    with open(os.path.join(path, "NOTES.md"), "w") as f:
+        f.write("notes")
+    os.mkfifo(os.path.join(path, "fifo"))
+    os.mkdir(os.path.join(path, "plots"))
+    ckpt.save_latest(small_state(2), step=2)
+    Checkpointer(registry, "run")  # start-up cleanup
+    names = set(os.listdir(path))
+    assert {"my_link", "NOTES.md", "fifo", "plots", "manifest.json"} <= names
+    assert len([n for n in names if n.endswith(".safetensors")]) == 1  # the old one went
+    assert (tmp_path / "precious.txt").read_text() == "x"
+    assert ckpt.load_latest()["step"] == 2
+
+
+def test_a_planted_lock_link_does_not_stop_the_run_from_opening(registry, tmp_path):
+    ckpt = Checkpointer(registry, "run")
+    ckpt.save_checkpoint(small_state(), step=1)
+    lock = os.path.join(ckpt.checkpoint_dir, ".learnax.lock")
+    os.remove(lock)
+    os.symlink(tmp_path / "elsewhere", lock)
+    again = Checkpointer(registry, "run")  # cleanup skipped, with a warning
+    assert again.load_latest()["step"] == 1
+    assert again.save_checkpoint(small_state(), step=2) is None  # never locks through it
+    assert not (tmp_path / "elsewhere").exists()

@@ -63,7 +63,7 @@ def test_a_checkpointer_on_a_read_only_registry_lists_and_loads(frozen, caplog):
         assert ckpt.maybe_save_checkpoints(small_state(4), 4, {"val/loss": 0.1}) == {}
         assert ckpt.save_latest(small_state(5), step=5) is None
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "read-only" in errors[0].getMessage()
+    assert len(errors) == 1 and "not writable (Read-only file system)" in errors[0].getMessage()
     assert ckpt.load_latest()["step"] == 2  # nothing changed
 
 

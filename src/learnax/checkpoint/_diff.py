@@ -39,6 +39,7 @@ def diff(a: str, b: str, *, storage_options: dict[str, Any] | None = None) -> di
             reader = stack.enter_context(
                 CheckpointReader(storage, path, manifest, keys_as_data=True)
             )
+            reader.open_files()  # pinned: a live run replacing it cannot pull them away
             leaves = {leaf.keys: (leaf, node) for leaf, node in leaves_of(storage, path, manifest)}
             sides.append((reader, leaves))
         return _compare(*sides[0], *sides[1])

@@ -64,7 +64,11 @@ _MAX_PICKLE = 1 << 40
 def _load(storage: Storage, path: str, allow_pickle: bool, target: Any) -> LoadedCheckpoint:
     """:func:`load_legacy`, a pickle that needs code raising ``_unpickle.NeedsCode``."""
     obj = _unpickle.load(read_bounded(storage, path), path, allow_pickle)
-    loaded = _as_loaded(obj, storage, path)
+    try:
+        loaded = _as_loaded(obj, storage, path)
+    except (TypeError, ValueError, OverflowError, AttributeError, KeyError) as e:
+        # What a crafted pickle put where the step, time or metrics go.
+        raise CheckpointCorruptedError(f"{path}: {type(e).__name__}: {e}") from None
     if target is not None:
         loaded["state"] = _restore(loaded["state"], target, path)
     return loaded
@@ -101,15 +105,20 @@ def _step(value: Any, path: str) -> int | None:
     or ``None`` when it recorded none."""
     if value is None or type(value) is int:
         return value
-    if not isinstance(value, bool) and np.ndim(value) == 0:
+    if isinstance(value, (np.integer, np.ndarray)) and np.ndim(value) == 0:
         if np.issubdtype(np.asarray(value).dtype, np.integer):
             return int(value)
     raise CheckpointCorruptedError(f"{path}: the step is not an int: {value!r:.60}")
 
 
 def _time(value: Any, path: str) -> float:
-    if not isinstance(value, bool) and isinstance(value, (int, float, np.number)):
-        return float(value)
+    if not isinstance(value, (bool, complex, np.complexfloating)) and isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        try:
+            return float(value)
+        except OverflowError:
+            pass
     raise CheckpointCorruptedError(f"{path}: the time is not a number: {value!r:.60}")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import secrets
 import sys
 import time
 import zlib
@@ -36,6 +37,7 @@ CRC_BLOCK = 1 << 20
 _MANIFEST_PREFIX = re.compile(rb'\A\{"checksum":"crc32:([0-9a-f]{8})","manifest":')
 _MANIFEST_SUFFIX = b"}\n"
 _DATA_FILE = re.compile(r"\Adata-[A-Za-z0-9_-]{1,64}\.safetensors\Z")
+_TMP_MANIFEST = re.compile(r"\A\.manifest-[0-9a-f]{16}\.tmp\Z")
 # A manifest of 100,000 leaves is about 25 MB and 1.2 million JSON values; the caps
 # leave room above that, and bound what parsing a crafted file can allocate (Python
 # objects of about 100 bytes per value at worst: some 300 MB).
@@ -99,6 +101,18 @@ def checksum(data: np.ndarray | memoryview) -> str | list[str]:
     if view.nbytes <= CRC_BLOCK:
         return f"{zlib.crc32(view):08x}"
     return [f"{zlib.crc32(view[i : i + CRC_BLOCK]):08x}" for i in range(0, view.nbytes, CRC_BLOCK)]
+
+
+def tmp_manifest_name() -> str:
+    """A fresh name for the temporary file a manifest is written to before its rename."""
+    return f".manifest-{secrets.token_hex(8)}.tmp"
+
+
+def is_own_file(name: str) -> bool:
+    """Whether ``name`` in a checkpoint directory is one learnax writes there: a data
+    file or a temporary manifest (``manifest.json`` aside). Nothing else is ever
+    removed from a checkpoint directory."""
+    return bool(_DATA_FILE.match(name) or _TMP_MANIFEST.match(name))
 
 
 def read_manifest(storage: Storage, directory: str) -> dict[str, Any]:

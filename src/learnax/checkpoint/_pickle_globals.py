@@ -14,15 +14,43 @@ from a file reaches NumPy's ``__setstate__`` or changes how the next file is rea
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import inspect
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 from . import _tree
+
+# What the constructors below copy, against a budget of the pickle's own size: each
+# array's bytes sit once in the file, so a file that copies more (the same bytes
+# rebuilt again and again) is refused instead of allocating many times its size.
+_budget: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "learnax_unpickle_budget", default=None
+)
+
+
+@contextlib.contextmanager
+def byte_budget(nbytes: int) -> Iterator[None]:
+    """Let the constructors copy at most ``nbytes`` in all while the block runs."""
+    token = _budget.set([nbytes])
+    try:
+        yield
+    finally:
+        _budget.reset(token)
+
+
+def _spend(nbytes: int) -> None:
+    budget = _budget.get()
+    if budget is None:
+        return
+    budget[0] -= nbytes
+    if budget[0] < 0:
+        raise ValueError("the pickle rebuilds more bytes than it holds")
 
 
 class NeedsCode(Exception):
@@ -234,6 +262,7 @@ def _array_from_bytes(raw: Any, dtype: Any, shape: Any, order: str) -> np.ndarra
         raise ValueError(f"invalid array shape {shape!r:.80}")
     if math.prod(shape) * dtype.itemsize != len(raw):
         raise ValueError(f"{len(raw)} bytes of data for an array {dtype}{list(shape)}")
+    _spend(len(raw))
     flat = np.frombuffer(raw, dtype)
     return flat.reshape(shape, order=order).copy(order="K")
 
@@ -300,14 +329,17 @@ def _items(x: Any, what: str) -> Any:
 
 def _bytearray(*args: Any) -> bytearray:
     if args == () or (len(args) == 1 and isinstance(args[0], (bytes, bytearray))):
+        _spend(len(args[0]) if args else 0)
         return bytearray(*args)
     if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
+        _spend(len(args[0]))
         return bytearray(args[0], "latin-1")
     raise NeedsCode("it calls builtins.bytearray with other than bytes")
 
 
 def _bytes(*args: Any) -> bytes:
     if args == () or (len(args) == 1 and isinstance(args[0], (bytes, bytearray))):
+        _spend(len(args[0]) if args else 0)
         return bytes(*args)
     raise NeedsCode("it calls builtins.bytes with other than bytes")
 
@@ -316,6 +348,7 @@ def _encode(text: Any, encoding: Any = "utf-8") -> bytes:
     # Protocol 2 pickles bytes as _codecs.encode(their latin-1 text, "latin1").
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
         raise NeedsCode("it calls _codecs.encode with other than latin-1 text")
+    _spend(len(text))
     return text.encode("latin-1")
 
 

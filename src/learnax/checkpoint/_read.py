@@ -74,9 +74,11 @@ def _read_state(reader: CheckpointReader, target: Any) -> LoadedCheckpoint:
             state = read_nodes([manifest["tree"]])[0]
         else:
             state = restore_into_target(manifest["tree"], target, read_nodes, reader)
-    except (_tree.MalformedTreeError, RecursionError) as e:
+    except (_tree.MalformedTreeError, RecursionError, KeyError, IndexError, AttributeError) as e:
+        # The last three only from a tree node of a crafted manifest that a check
+        # missed: still damage of this checkpoint, never a crash of the caller's load.
         raise CheckpointCorruptedError(
-            f"{storage.join(directory, MANIFEST)}: invalid tree: {e}"
+            f"{storage.join(directory, MANIFEST)}: invalid tree: {type(e).__name__}: {e}"
         ) from None
     return {
         "state": state,
@@ -98,7 +100,7 @@ def read_consistent(
 
     A live run may replace the checkpoint while it is read: a save commits a new
     manifest, and the data files of the old one are removed a grace time later
-    (``_write.SUPERSEDED_GRACE_S``). Opening every data file right after reading the
+    (``_superseded.SUPERSEDED_GRACE_S``). Opening every data file right after reading the
     manifest pins them (on a local disk an open file stays readable once removed), so
     a reader sees the old checkpoint or the new one whole. Only a reader that stalled
     longer than the grace time between the manifest and its files, or an object-store
@@ -254,12 +256,21 @@ class CheckpointReader:
                         f"{self._where}: tensor {key[1]!r} is read twice"
                     )
                 tensors_used.add(key)
+            shape = tuple(self.manifest["arrays"][name]["shape"])
+            # Every stored tensor checked against the manifest before anything is
+            # allocated: n crafted entries cannot reserve n times the files' size.
+            whole = len(shards) == 1 and "slice" not in shards[0]
+            for shard, region in zip(
+                shards, [None] if whole else self._regions(name, shards, shape), strict=True
+            ):
+                piece = shape if region is None else tuple(r.stop - r.start for r in region)
+                self._locate(shard, dtype, piece)
             try:
-                out = np.empty(tuple(self.manifest["arrays"][name]["shape"]), dtype)
+                out = np.empty(shape, dtype)
             except (ValueError, MemoryError) as e:
                 raise CheckpointCorruptedError(f"{self._where}: array {name!r}: {e}") from None
             outs[name] = out
-            if len(shards) == 1 and "slice" not in shards[0]:
+            if whole:
                 reads.append(self._plan(shards[0], out))
                 continue
             for shard, region in zip(shards, self._regions(name, shards, out.shape), strict=True):

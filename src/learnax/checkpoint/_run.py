@@ -22,7 +22,7 @@ import numpy as np
 
 from . import _tree
 from ._errors import CheckpointCorruptedError
-from ._manifest import MANIFEST, read_manifest
+from ._manifest import MANIFEST, is_own_file, read_manifest
 from ._policy import retention_victims
 from ._storage import LOCK_NAME
 
@@ -443,14 +443,17 @@ class RunDirectory:
                 )
                 storage.rmtree(directory)
             return
+        entries = storage.scan(directory)
         try:
             keep = set(self.read_manifest(entry)["files"])
         except CheckpointCorruptedError:
             # Damaged: keep its files for inspection; load_latest skips it.
-            keep = {f for f in storage.listdir(directory) if not f.endswith(".tmp")}
-        for name in storage.listdir(directory):
+            keep = {name for name, _ in entries if not name.endswith(".tmp")}
+        for name, kind in entries:
             path = storage.join(directory, name)
-            if name != MANIFEST and name not in keep and storage.unused(path):
+            # Only what learnax writes there is ever removed: a file someone else put
+            # in a checkpoint directory (notes, a link) stays.
+            if kind == "file" and is_own_file(name) and name not in keep and storage.unused(path):
                 logger.info("Removing leftover file %s", path)
                 storage.remove(path)
 

@@ -79,14 +79,16 @@ class Saver:
         return directory
 
     def _log_failure(self, directory: str, step: int, error: OSError) -> None:
-        if error.errno == errno.EROFS:  # said once: every save fails alike from now on
+        if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            # Said once: every save fails alike from now on.
             log = logger.debug if self._read_only else logger.error
             self._read_only = True
             log(
-                "Cannot save %s (step %d): the registry is read-only. Saves return None; "
-                "listing and loading work.",
+                "Cannot save %s (step %d): the registry is not writable (%s). Saves return "
+                "None; listing and loading work.",
                 directory,
                 step,
+                error.strerror,
             )
             return
         logger.error(

@@ -39,23 +39,33 @@ _thread: threading.Thread | None = None
 
 
 def retire(storage: Storage, paths: list[str]) -> None:
-    """Remove the files ``paths`` once the grace time has passed (at once without one)."""
+    """Remove the files ``paths`` once the grace time has passed (at once without one,
+    or when no thread can be started: a save while the interpreter exits)."""
+    if SUPERSEDED_GRACE_S > 0:
+        deadline = time.monotonic() + SUPERSEDED_GRACE_S
+        with _lock:
+            if _thread is not None or _start_thread():
+                for path in paths:
+                    heapq.heappush(_pending, (deadline, next(_order), storage, path))
+                _lock.notify()
+                return
+    _remove(storage, paths)
+
+
+def _start_thread() -> bool:
+    """Start the removing thread (the lock held); ``False`` when no thread can start."""
     global _thread
-    if SUPERSEDED_GRACE_S <= 0:
-        _remove(storage, paths)
-        return
-    deadline = time.monotonic() + SUPERSEDED_GRACE_S
-    with _lock:
-        for path in paths:
-            heapq.heappush(_pending, (deadline, next(_order), storage, path))
-        if _thread is None:
-            _thread = threading.Thread(target=_run, name="learnax-superseded", daemon=True)
-            _thread.start()
-            # Registered now, after the storage's own library was imported: exit
-            # handlers run last-in first-out, so this one runs while fsspec's event
-            # loop still works (removing objects after it stopped would hang).
-            atexit.register(remove_now)
-        _lock.notify()
+    thread = threading.Thread(target=_run, name="learnax-superseded", daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:  # interpreter shutdown
+        return False
+    _thread = thread
+    # Registered now, after the storage's own library was imported: exit handlers run
+    # last-in first-out, so this one runs while fsspec's event loop still works
+    # (removing objects after it stopped would hang).
+    atexit.register(remove_now)
+    return True
 
 
 def remove_now() -> None:

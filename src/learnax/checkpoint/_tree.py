@@ -489,6 +489,8 @@ def index_tree(node: Node) -> tuple[dict[KeyPath, Node], list[KeyPath]]:
         elif tag == "namedtuple":
             children = _expect(n[tag], list, path)
             fields = n.get("fields") or []
+            if not isinstance(fields, list):
+                raise MalformedTreeError(f"the fields of a NamedTuple are {type(fields).__name__}")
             for i, c in enumerate(children):
                 stack.append(((*path, i), c, False))
                 if i < len(fields) and isinstance(fields[i], str):

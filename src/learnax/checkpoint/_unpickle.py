@@ -32,6 +32,7 @@ from ._pickle_globals import (
     NeedsCode,
     ScalarType,
     StandIn,
+    byte_budget,
     is_namedtuple_class,
     resolve_global,
     stand_in_class,
@@ -106,7 +107,9 @@ def restricted_load(data: bytes, where: str) -> Any:
     try:
         _scan(data)
         unpickler = _RestrictedUnpickler(io.BytesIO(data))
-        return _Finisher(strict=True).finish(unpickler.load())
+        # Protocol 2 holds bytes as latin-1 text: encoded, then copied into an array.
+        with byte_budget(2 * len(data) + (1 << 20)):
+            return _Finisher(strict=True).finish(unpickler.load())
     except NeedsCode:
         raise
     except Exception as e:  # a damaged file may make the unpickler raise anything
@@ -220,16 +223,21 @@ class _Finisher:
         raise NeedsCode(f"it holds {name} itself, not data built with it")
 
     def _finish_mutable(self, x: Any, depth: int) -> Any:
-        if isinstance(x, list):
-            x[:] = [self.finish(v, depth) for v in x]
-        elif isinstance(x, dict):
-            items = [(self.finish(k, depth), self.finish(v, depth)) for k, v in x.items()]
-            x.clear()
-            x.update(items)
+        # The methods of the builtin types, never attributes of the instance: BUILD may
+        # have given an OrderedDict a __dict__ whose "items" is the pickle's object.
+        if getattr(x, "__dict__", None):
+            raise NeedsCode(f"it sets attributes of a {type(x).__name__}")
+        kind = type(x)  # exactly list, dict, OrderedDict or set (see finish)
+        if kind is list:
+            list.__setitem__(x, slice(None), [self.finish(v, depth) for v in list.__iter__(x)])
+        elif kind is set:
+            members = [self.finish(v, depth) for v in set.__iter__(x)]
+            set.clear(x)
+            set.update(x, members)
         else:
-            members = [self.finish(v, depth) for v in x]
-            x.clear()
-            x.update(members)
+            items = [(self.finish(k, depth), self.finish(v, depth)) for k, v in kind.items(x)]
+            kind.clear(x)
+            kind.update(x, items)
         return x
 
     def _rebuild(self, obj: StandIn, depth: int) -> Any:

@@ -31,7 +31,15 @@ import numpy as np
 
 from . import _superseded, _tree
 from ._dtypes import dtype_name
-from ._manifest import MANIFEST, Part, checksum, manifest_body, manifest_bytes
+from ._manifest import (
+    MANIFEST,
+    Part,
+    checksum,
+    is_own_file,
+    manifest_body,
+    manifest_bytes,
+    tmp_manifest_name,
+)
 from ._safetensors import safetensors_header
 from ._storage import Storage
 from ._threads import parallel_map, run_in_background, split_contiguous
@@ -233,7 +241,7 @@ def commit(storage: Storage, directory: str, manifest: bytes, files: set[str]) -
     storage.replace_atomic(
         storage.join(directory, MANIFEST),
         manifest,
-        tmp_name=f".manifest-{secrets.token_hex(8)}.tmp",
+        tmp_name=tmp_manifest_name(),
     )
     # The rename is durable once the directory is: a failure here still fails the
     # save (durability unconfirmed), but the new checkpoint is whole and visible now,
@@ -248,11 +256,16 @@ def commit(storage: Storage, directory: str, manifest: bytes, files: set[str]) -
     # after a grace time for readers of the old manifest. Nothing here may fail the
     # save: the new checkpoint is whole whatever happens to them.
     try:
-        superseded = [n for n in storage.listdir(directory) if n != MANIFEST and n not in files]
+        entries = storage.scan(directory)
     except OSError as e:
         logger.warning("Could not list %s to remove superseded files: %s", directory, e)
         return
-    _superseded.retire(storage, [storage.join(directory, name) for name in superseded])
+    superseded = [
+        storage.join(directory, name)
+        for name, kind in entries
+        if kind == "file" and is_own_file(name) and name not in files
+    ]
+    _superseded.retire(storage, superseded)
 
 
 def _whole(leaf: _tree.ArrayLeaf) -> _Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import shutil
 import stat
@@ -27,6 +28,8 @@ try:  # POSIX only; on other systems the lock is a no-op.
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger("learnax")
 
 LOCK_NAME = ".learnax.lock"
 # writev limits: at most this many buffers per call (POSIX IOV_MAX is 1024 on Linux);
@@ -247,9 +250,11 @@ class LocalStorage:
                 0o644,
             )
         except OSError as e:
-            if blocking or e.errno not in _READ_ONLY_ERRNOS:
+            if blocking:
                 raise
-            yield False  # a read-only registry: nobody saves here, nothing to clean
+            if e.errno not in _READ_ONLY_ERRNOS:  # a link or a directory planted there
+                logger.warning("Cannot open the lock %s (%s): not cleaning up", directory, e)
+            yield False  # nobody can save here now: nothing to clean either
             return
         try:
             try:
@@ -383,7 +388,11 @@ class _Flusher:
         self._error: OSError | None = None
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="learnax-flush", daemon=True)
-        self._thread.start()
+        self._started = True
+        try:
+            self._thread.start()
+        except RuntimeError:  # interpreter shutdown (a save at exit): no early flushes
+            self._started = False
 
     def written(self, total: int) -> None:
         with self._wake:
@@ -410,6 +419,7 @@ class _Flusher:
         with self._wake:
             self._done = True
             self._wake.notify()
-        self._thread.join()
+        if self._started:
+            self._thread.join()
         if self._error is not None:
             raise self._error
