@@ -92,6 +92,7 @@ def _poll(
 def test_a_reader_racing_a_fast_writer_on_a_local_disk_never_sees_damage(registry):
     writer = _start_writer(registry, None, seconds=8)
     counts = _poll(registry, None, writer, seconds=8, pause=0.0)
+    print("local:", counts)
     assert counts["saves"] > 20 and counts["latest"] > 20, counts
 
 
@@ -129,4 +130,5 @@ def test_a_reader_racing_a_fast_writer_on_s3_never_sees_damage(moto_server):
     options = moto_server.storage_options()
     writer = _start_writer(f"s3://{name}/reg", options, seconds=10)
     counts = _poll(f"s3://{name}/reg", options, writer, seconds=10, pause=0.05)
+    print("s3:", counts)
     assert counts["saves"] > 5 and counts["latest"] > 5, counts
