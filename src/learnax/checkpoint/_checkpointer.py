@@ -7,6 +7,7 @@ preemption (``_preemption``) and reading (``_read``).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import warnings
@@ -145,7 +146,11 @@ class Checkpointer:
         )
         try:
             self._storage.makedirs(self.checkpoint_dir)
-        except OSError as e:  # a read-only registry (an evaluation job on a frozen copy)
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise  # a path through a file, say: refused at once, not at every save
+            # A read-only registry (an evaluation job on a frozen copy): it still lists
+            # and loads.
             logger.warning("Cannot create %s (%s): saves will fail", self.checkpoint_dir, e)
         if self._coord is None:
             self._run.clean_leftovers()
