@@ -27,12 +27,24 @@ from ._read import LoadedCheckpoint, read_checkpoint
 from ._run import BEST, LATEST, RunDirectory, check_run_id, check_suffix
 from ._run import checkpoint_name as _name
 from ._save import PlannedWrite, Saver
-from ._storage import open_storage
+from ._storage import Storage, open_storage
 from ._threads import gc_paused
 
 logger = logging.getLogger("learnax")
 
 _RELISTS = 3
+
+
+def _make_checkpoint_dir(storage: Storage, path: str) -> None:
+    """Create the run's checkpoint directory. On a read-only registry (an evaluation job
+    on a frozen copy) only warn: it still lists and loads. Anything else (a path
+    through a file, say) is refused at once rather than failing every later save."""
+    try:
+        storage.makedirs(path)
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        logger.warning("Cannot create %s (%s): saves will fail", path, e)
 
 
 class Checkpointer:
@@ -144,14 +156,7 @@ class Checkpointer:
         self._saver = Saver(
             self._run, self._coord, on_best=self._best.committed, retain=self._retain
         )
-        try:
-            self._storage.makedirs(self.checkpoint_dir)
-        except OSError as e:
-            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-                raise  # a path through a file, say: refused at once, not at every save
-            # A read-only registry (an evaluation job on a frozen copy): it still lists
-            # and loads.
-            logger.warning("Cannot create %s (%s): saves will fail", self.checkpoint_dir, e)
+        _make_checkpoint_dir(self._storage, self.checkpoint_dir)
         if self._coord is None:
             self._run.clean_leftovers()
         self._best.restore()
