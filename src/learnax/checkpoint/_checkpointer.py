@@ -7,7 +7,6 @@ preemption (``_preemption``) and reading (``_read``).
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import warnings
@@ -27,7 +26,7 @@ from ._read import LoadedCheckpoint, read_checkpoint
 from ._run import BEST, LATEST, RunDirectory, check_run_id, check_suffix
 from ._run import checkpoint_name as _name
 from ._save import PlannedWrite, Saver
-from ._storage import Storage, open_storage
+from ._storage import NOT_WRITABLE_ERRNOS, Storage, open_storage
 from ._threads import gc_paused
 
 logger = logging.getLogger("learnax")
@@ -42,7 +41,7 @@ def _make_checkpoint_dir(storage: Storage, path: str) -> None:
     try:
         storage.makedirs(path)
     except OSError as e:
-        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+        if e.errno not in NOT_WRITABLE_ERRNOS:
             raise
         logger.warning("Cannot create %s (%s): saves will fail", path, e)
 

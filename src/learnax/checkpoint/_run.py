@@ -135,6 +135,15 @@ def legacy_step(entry: str) -> float:
     return float(step) if step is not None else -math.inf
 
 
+def _reading_order(key: str) -> tuple[int, int, str]:
+    """Where checkpoint ``key`` comes when people read a listing: latest, best, the
+    numbered ones by step, then any other key by name."""
+    if key in (LATEST, BEST):
+        return (0, (LATEST, BEST).index(key), "")
+    step = numbered_step(key)
+    return (1, step, "") if step is not None else (2, 0, key)
+
+
 def legacy_key(entry: str) -> str | None:
     """The key of a canonical legacy pickle name (``state_1000.pyd`` -> ``"1000"``), or
     ``None``."""
@@ -248,15 +257,19 @@ class RunDirectory:
                 directories.append(entry)
             elif kind == "file" and legacy_key(entry) is not None:
                 legacy.append(entry)
-            elif entry not in self._warned:
-                self._warned.add(entry)
-                logger.warning(
-                    "Ignoring %s: not a checkpoint learnax wrote (%s); it is never read, "
-                    "written or deleted",
-                    self.storage.join(self.path, entry),
+            else:
+                self._warn_once(
+                    entry,
+                    "not a checkpoint learnax wrote (%s); it is never read, written or deleted",
                     "a link or a special file" if kind == "other" else "not a canonical name",
                 )
         return directories, legacy
+
+    def _warn_once(self, entry: str, why: str, *args: Any) -> None:
+        """Say once per entry (per run directory) why it is ignored."""
+        if entry not in self._warned:
+            self._warned.add(entry)
+            logger.warning("Ignoring %s: " + why, self.join(entry), *args)
 
     def is_foreign(self, name: str) -> bool:
         """Whether the entry where checkpoint ``name`` would be is something learnax did
@@ -278,11 +291,8 @@ class RunDirectory:
     def names(self) -> list[str]:
         """The committed checkpoints (intact or not), in the order people read them:
         latest, best, the numbered ones by step, then any other key by name."""
-        keys = [checkpoint_key(entry) for entry in self.scan()[0] if self.is_committed(entry)]
-        fixed = [k for k in (LATEST, BEST) if k in keys]
-        numbered = sorted((k for k in keys if numbered_step(k) is not None), key=int)
-        others = sorted(k for k in keys if k not in fixed and numbered_step(k) is None)
-        return [checkpoint_name(k) for k in (*fixed, *numbered, *others)]
+        names = [entry for entry in self.scan()[0] if self.is_committed(entry)]
+        return sorted(names, key=lambda entry: _reading_order(checkpoint_key(entry)))
 
     def numbered_steps(self) -> list[int]:
         """The steps of the committed numbered checkpoints, ascending."""
@@ -352,16 +362,7 @@ class RunDirectory:
     def legacy_files(self) -> list[str]:
         """The original learnax's pickle checkpoints here (``state_<name>.pyd``), in the
         order of :meth:`names`: latest, best, the numbered ones by step, then others."""
-        found = self.scan()[1]
-        fixed = [checkpoint_name(k) + LEGACY_SUFFIX for k in (LATEST, BEST)]
-
-        def order(entry: str) -> tuple[int, float, str]:
-            if entry in fixed:
-                return (0, fixed.index(entry), entry)
-            step = legacy_step(entry)
-            return (1, step, entry) if math.isfinite(step) else (2, 0, entry)
-
-        return sorted(found, key=order)
+        return sorted(self.scan()[1], key=lambda entry: _reading_order(legacy_key(entry)))
 
     def best_record(self, metric_name: str, minimize: bool) -> BestRecord | None:
         """The record of ``state_best``; ``None`` when there is none or it cannot be read
@@ -431,9 +432,7 @@ class RunDirectory:
         storage = self.storage
         manifest_kind = storage.kind(storage.join(directory, MANIFEST))
         if manifest_kind not in (None, "file"):
-            if entry not in self._warned:
-                self._warned.add(entry)
-                logger.warning("Ignoring %s: its manifest is not a regular file", directory)
+            self._warn_once(entry, "its manifest is not a regular file")
             return
         if manifest_kind is None:
             if storage.unused(directory):

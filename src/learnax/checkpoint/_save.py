@@ -9,7 +9,6 @@ as it was.
 
 from __future__ import annotations
 
-import errno
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from . import _write
 from ._errors import CheckpointSaveError
 from ._multihost import Coordinator, save_multihost
 from ._run import RunDirectory
+from ._storage import NOT_WRITABLE_ERRNOS
 
 logger = logging.getLogger("learnax")
 
@@ -57,7 +57,7 @@ class Saver:
         # Multi-host: the other processes may be writing their part of a first save
         # already, so process 0 cleans up after its first commit instead of at start.
         self._cleaned = coord is None
-        self._read_only = False  # a save failed with EROFS (logged once)
+        self._read_only = False  # a save found the registry not writable (logged once)
 
     def write(self, write: PlannedWrite, tree: Any, leaves: list[Any], step: int) -> str | None:
         """Write and commit one checkpoint; on an I/O failure log it and return None."""
@@ -79,7 +79,7 @@ class Saver:
         return directory
 
     def _log_failure(self, directory: str, step: int, error: OSError) -> None:
-        if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        if error.errno in NOT_WRITABLE_ERRNOS:
             # Said once: every save fails alike from now on.
             log = logger.debug if self._read_only else logger.error
             self._read_only = True

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import ReadFile, Storage, UnsafeFileError
+from .base import NOT_WRITABLE_ERRNOS, ReadFile, Storage, UnsafeFileError
 from .fsspec import LEFTOVER_GRACE_S, FsspecReadFile, FsspecStorage
 from .local import LOCK_NAME, LocalReadFile, LocalStorage, skip_transferred
 
 __all__ = [
     "LEFTOVER_GRACE_S",
     "LOCK_NAME",
+    "NOT_WRITABLE_ERRNOS",
     "FsspecReadFile",
     "FsspecStorage",
     "LocalReadFile",

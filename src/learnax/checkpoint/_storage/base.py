@@ -17,9 +17,14 @@ readers report as damage of that one checkpoint.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import BinaryIO, Protocol, runtime_checkable
+
+# The errors of a write to storage that nobody may write to (a read-only mount, a
+# frozen copy without write permission): every later write fails alike.
+NOT_WRITABLE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class UnsafeFileError(OSError):

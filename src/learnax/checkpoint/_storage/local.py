@@ -22,7 +22,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
-from .base import UnsafeFileError
+from .base import NOT_WRITABLE_ERRNOS, UnsafeFileError
 
 try:  # POSIX only; on other systems the lock is a no-op.
     import fcntl
@@ -48,7 +48,7 @@ _OPEN_FOR_READ = (
 )
 # What a failed open of the lock file says when nobody can save there (a read-only
 # directory, or one that could not be created): nothing to clean either.
-_READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT)
+_READ_ONLY_ERRNOS = (*NOT_WRITABLE_ERRNOS, errno.ENOENT)
 
 
 class LocalStorage:
