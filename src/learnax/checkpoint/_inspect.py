@@ -181,14 +181,16 @@ def _run_directory(storage: Storage, run: str) -> RunDirectory:
 def checkpoints_under(storage: Storage, path: str) -> list[str]:
     """Every committed checkpoint directory under ``path`` (a checkpoint, a run or a
     registry)."""
-    if path_kind(storage, path) == "checkpoint":
+    kind = path_kind(storage, path)
+    if kind == "checkpoint":
         return [path]
-    return [d.join(name) for d in _run_directories(storage, path) for name in d.names()]
+    return [d.join(name) for d in _run_directories(storage, path, kind) for name in d.names()]
 
 
-def _run_directories(storage: Storage, path: str) -> list[RunDirectory]:
-    """The run directory of ``path`` (a run), or those of every run of a registry."""
-    runs = [path] if path_kind(storage, path) == "run" else run_dirs(storage, path)
+def _run_directories(storage: Storage, path: str, kind: str) -> list[RunDirectory]:
+    """The run directory of ``path`` (``kind`` ``"run"``), or those of every run of a
+    registry."""
+    runs = [path] if kind == "run" else run_dirs(storage, path)
     return [_run_directory(storage, run) for run in runs]
 
 
@@ -213,9 +215,11 @@ def find_legacy_pickles(path: str, *, storage_options: dict[str, Any] | None = N
     **Example:** `[p.rpartition("/")[2] for p in find_legacy_pickles("runs/old-run")]`
     """
     storage, path = open_storage(str(path), storage_options)
-    if path_kind(storage, path) == "checkpoint":
+    kind = path_kind(storage, path)
+    if kind == "checkpoint":
         return []
-    return [d.join(name) for d in _run_directories(storage, path) for name in d.legacy_files()]
+    directories = _run_directories(storage, path, kind)
+    return [d.join(name) for d in directories for name in d.legacy_files()]
 
 
 def checkpoint_path(run: str, name: str, *, storage_options: dict[str, Any] | None = None) -> str:
