@@ -551,15 +551,15 @@ class Checkpointer:
         return self.load_checkpoint("best", target=target, allow_pickle=allow_pickle)
 
     def _load_path(self, path: str, target: Any, allow_pickle: bool) -> LoadedCheckpoint | None:
-        # A name or step of this run may point at something learnax did not make (what
-        # load_latest lists never does: the listing leaves such entries out).
+        legacy = path if path.endswith(_legacy.SUFFIX) else path + _legacy.SUFFIX
+        if not self._storage.isdir(path) and self._storage.isfile(legacy):
+            return _legacy.load_legacy(self._storage, legacy, allow_pickle, target)
+        # A name or step of this run may point at something learnax did not make where a
+        # checkpoint directory would be (what load_latest lists never does).
         parent, name = self._storage.dirname(path), path.rstrip("/").rpartition("/")[2]
         if parent == self.checkpoint_dir and self._run.is_foreign(name):
             logger.warning("Not loading %s: a link or a file learnax did not make", path)
             return None
-        legacy = path if path.endswith(_legacy.SUFFIX) else path + _legacy.SUFFIX
-        if not self._storage.isdir(path) and self._storage.isfile(legacy):
-            return _legacy.load_legacy(self._storage, legacy, allow_pickle, target)
         return self._read(path, target)
 
     def _read(self, directory: str, target: Any) -> LoadedCheckpoint | None:
