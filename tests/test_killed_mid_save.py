@@ -8,8 +8,9 @@ numbered every 2 steps with ``max_to_keep=2``, a best metric that improves every
 steps: retention and best updates happen all the time). The test SIGKILLs the child,
 then checks with a fresh Checkpointer in this process that
 
-- no partial checkpoint is listed, and the start-up cleanup left only committed
-  checkpoint directories holding exactly ``manifest.json`` and the files it names;
+- no partial checkpoint is listed, opening the run deletes nothing, and the cleanup
+  after a writer's first commit leaves only committed checkpoint directories holding
+  exactly ``manifest.json`` and the files it names;
 - every listed checkpoint loads, without a warning, and is bit for bit the state of
   its recorded step (so it is a state the child really saved, and undamaged);
 - ``load_latest()`` returns a step at least that of every numbered checkpoint and of
@@ -349,8 +350,8 @@ def check_loads(ckpt: Checkpointer, history: RunHistory) -> tuple[dict, dict | N
 
 def check_after_kill(registry: str, log, history: RunHistory, reader: Checkpointer) -> None:
     """Everything a reader must see after the child was SIGKILLed: ``reader`` (created
-    before the child ran, so no start-up cleanup has run since the kill) sees only whole
-    checkpoints; then a fresh Checkpointer removes the leftovers and sees the same."""
+    before the child ran) sees only whole checkpoints; then a fresh Checkpointer, once
+    it committed, has removed the leftovers and sees the same."""
     begun = [int(f[1]) for _, f in log if f[0] == "BEGIN"]
     returned = [int(f[1]) for _, f in log if f[0] == "SAVED" and "latest" in f[2].split(",")]
     history.highest_begun = max([history.highest_begun, *begun])
@@ -384,14 +385,23 @@ def check_after_kill(registry: str, log, history: RunHistory, reader: Checkpoint
     if leftovers(checkpoint_dir):
         history.cleaned += 1
 
-    # A fresh Checkpointer removes every leftover and keeps every committed checkpoint:
-    # only those directories remain, each holding exactly the files its manifest names.
+    # A fresh Checkpointer deletes nothing when it opens the run (it may be a reader);
+    # as a writer, its first commit (latest saved again as it is) removes every
+    # leftover and keeps every committed checkpoint: only those directories remain,
+    # each holding exactly the files its manifest names.
+    before = leftovers(checkpoint_dir)
     ckpt = Checkpointer(registry, RUN, **POLICY)
-    left = leftovers(checkpoint_dir)
-    assert not left, f"left after a fresh Checkpointer started: {left}"
+    assert leftovers(checkpoint_dir) == before
+    if latest is not None:
+        step = latest["step"]
+        saved = ckpt.save_latest(make_state(step), step=step, metrics={"loss": loss(step)})
+        assert saved is not None
+        left = leftovers(checkpoint_dir)
+        assert not left, f"left after a fresh Checkpointer's first commit: {left}"
     assert ckpt.list_available_checkpoints() == listing
-    on_disk = sorted(e for e in os.listdir(checkpoint_dir) if not is_lock_file(e))
-    assert sorted(os.path.basename(p) for p in listing.values()) == on_disk, on_disk
+    if latest is not None:  # else nothing was committed: nothing to clean up after
+        on_disk = sorted(e for e in os.listdir(checkpoint_dir) if not is_lock_file(e))
+        assert sorted(os.path.basename(p) for p in listing.values()) == on_disk, on_disk
     if "best" in steps:
         assert ckpt.best_metric_value == loss(steps["best"])
     with warnings.catch_warnings():

@@ -725,12 +725,14 @@ def test_process_killed_mid_save_makes_the_save_fail_everywhere_and_leaves_step_
     assert res["step1"] == str(checkpoint_dir / "state_1"), run.report()
     assert res["step2"] is None, run.report()
     assert res["step2_seconds"] < 20, run.report()
-    ckpt = Checkpointer(registry, RUN)  # its start-up cleanup removes what step 2 left
+    ckpt = Checkpointer(registry, RUN)
     assert "step_2" not in ckpt.list_available_checkpoints()
-    assert checkpoint_dir_entries(checkpoint_dir) == {"state_1"}
     restored = ckpt.load_latest()
     assert restored["step"] == 1
     assert_tree_equal(expected_state(seed=1, step=1), restored["state"])
+    # The next writer's first commit removes what step 2 left.
+    assert ckpt.save_checkpoint(restored["state"], step=3) is not None
+    assert checkpoint_dir_entries(checkpoint_dir) == {"state_1", "state_3"}
 
 
 def test_calls_made_by_one_process_only_fail_alone_and_later_calls_line_up(tmp_path):

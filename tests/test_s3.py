@@ -294,12 +294,12 @@ def test_list_on_s3_gives_s3_urls_of_latest_best_and_numbered(bucket):
 
 @pytest.fixture
 def no_grace(monkeypatch):
-    """Leftovers count as old at once (on object stores the start-up cleanup spares
+    """Leftovers count as old at once (on object stores the writer's cleanup spares
     those younger than an hour, which may be another job's save in progress)."""
     monkeypatch.setattr(learnax_fsspec_storage, "LEFTOVER_GRACE_S", 0.0)
 
 
-def test_uncommitted_prefix_on_s3_is_not_listed_and_a_new_checkpointer_removes_it(bucket, no_grace):
+def test_uncommitted_prefix_on_s3_is_not_listed_and_the_next_writer_removes_it(bucket, no_grace):
     ckpt = bucket.checkpointer()
     assert ckpt.save_checkpoint(small_state(5), step=5) is not None
     listing = ckpt.list_available_checkpoints()
@@ -310,9 +310,14 @@ def test_uncommitted_prefix_on_s3_is_not_listed_and_a_new_checkpointer_removes_i
     assert ckpt.load_checkpoint(999) is None
 
     fresh = bucket.checkpointer()
-    assert bucket.keys(leftover) == set()
+    assert bucket.keys(leftover) != set()  # opening a run never deletes: it may be a reader
     assert fresh.list_available_checkpoints() == listing
-    assert set(only_committed_checkpoints(bucket, bucket.checkpoint_dir())) == {"state_5"}
+    assert fresh.save_checkpoint(small_state(6), step=6) is not None
+    assert bucket.keys(leftover) == set()  # the writer's first commit cleaned up
+    assert set(only_committed_checkpoints(bucket, bucket.checkpoint_dir())) == {
+        "state_5",
+        "state_6",
+    }
     assert_tree_equal(small_state(5), fresh.load_checkpoint(5)["state"])
 
 
@@ -324,20 +329,22 @@ def test_young_leftovers_on_s3_are_kept_as_a_save_in_progress_elsewhere(bucket):
     other = f"{path}/data-ffffffffffffffff-0.safetensors"
     bucket.write(other, b"\0" * 4096)
 
-    bucket.checkpointer()
+    assert bucket.checkpointer().save_checkpoint(small_state(7), step=7) is not None
 
     assert bucket.exists(in_progress) and bucket.exists(other)
     assert_tree_equal(small_state(5), ckpt.load_checkpoint(5)["state"])
 
 
-def test_data_file_no_manifest_names_is_removed_by_a_new_checkpointer_on_s3(bucket, no_grace):
+def test_data_file_no_manifest_names_is_removed_by_the_next_writer_on_s3(bucket, no_grace):
     ckpt = bucket.checkpointer()
     path = ckpt.save_checkpoint(small_state(5), step=5)
     named = set(bucket.manifest(path)["files"])
     stray = f"{path}/data-ffffffffffffffff-0.safetensors"
     bucket.write(stray, b"\0" * 4096)
 
-    bucket.checkpointer()
+    reader = bucket.checkpointer()
+    assert bucket.exists(stray)
+    assert reader.save_latest(small_state(6), step=6) is not None
 
     assert bucket.keys(path) == named | {MANIFEST}
     assert_tree_equal(small_state(5), ckpt.load_checkpoint(5)["state"])
@@ -654,7 +661,13 @@ def test_writer_killed_mid_upload_leaves_the_previous_checkpoint_and_no_leftover
     assert restored["step"] == 1
     assert_tree_equal(small_state(1), restored["state"])
     assert_tree_equal(small_state(1), ckpt.load_checkpoint("latest")["state"])
-    assert set(only_committed_checkpoints(bucket, directory)) == {"state_1", "state_latest"}
+    # The next writer's first commit removes what the killed upload left.
+    assert ckpt.save_checkpoint(small_state(3), step=3) is not None
+    assert set(only_committed_checkpoints(bucket, directory)) == {
+        "state_1",
+        "state_3",
+        "state_latest",
+    }
 
 
 # --- memory use of a large upload ---------------------------------------------------

@@ -195,7 +195,9 @@ def test_directory_without_manifest_is_not_a_checkpoint(make_checkpointer):
     assert ckpt.load_latest()["step"] == 1
 
 
-def test_next_checkpointer_removes_a_directory_without_manifest(make_checkpointer):
+def test_next_writer_removes_a_directory_without_manifest_after_its_first_commit(
+    make_checkpointer,
+):
     ckpt = make_checkpointer()
     ckpt.save_checkpoint(small_state(1), step=1)
     partial = Path(ckpt.save_checkpoint(small_state(999), step=999))
@@ -203,8 +205,11 @@ def test_next_checkpointer_removes_a_directory_without_manifest(make_checkpointe
     del ckpt
 
     restarted = make_checkpointer()
-    assert not partial.exists()
+    assert partial.exists()  # opening a run deletes nothing: it may be a reader
     assert list(restarted.list_available_checkpoints()) == ["step_1"]
+    restarted.save_checkpoint(small_state(2), step=2)
+    assert not partial.exists()
+    assert list(restarted.list_available_checkpoints()) == ["step_1", "step_2"]
     assert restarted.load_checkpoint(1)["step"] == 1
 
 
@@ -264,6 +269,7 @@ def test_crash_during_save_leaves_the_old_or_new_checkpoint_and_no_leftovers(
     )
     assert proc.returncode in (0, 17), proc.stderr.decode()
 
+    after_crash = sorted(str(p) for p in checkpoint_dir.rglob("*"))
     restarted = make_checkpointer(save_every=1, checkpoint_every=None)
     loaded = restarted.load_latest()
     assert loaded is not None
@@ -272,7 +278,10 @@ def test_crash_during_save_leaves_the_old_or_new_checkpoint_and_no_leftovers(
         assert_tree_equal(old_state, loaded["state"])
     else:
         np.testing.assert_array_equal(loaded["state"]["w"], np.full((64, 64), 2.0))
+    assert sorted(str(p) for p in checkpoint_dir.rglob("*")) == after_crash  # a reader
 
+    # The restarted run's first commit removes what the crash left behind.
+    assert restarted.save_latest(old_state, step=3) is not None
     assert checkpoint_dir_entries(checkpoint_dir) == {"state_latest"}
     manifest = json.loads((checkpoint_dir / "state_latest" / "manifest.json").read_text())[
         "manifest"

@@ -524,14 +524,14 @@ def test_failed_deletion_during_retention_only_warns_and_never_leaves_half_a_che
         else:
             assert ckpt.load_checkpoint(1) is None
 
-        # The next Checkpointer clears what the failed deletion left; the next
-        # retention pass deletes what it could not.
+        # The next writer clears what the failed deletion left after its first commit;
+        # its retention pass deletes what the failed one could not.
         restarted = Checkpointer(registry, "run", max_to_keep=1)
         assert checkpoint_dir_entries(restarted.checkpoint_dir) <= {"state_1", "state_2"}
-        committed_dirs_are_clean(restarted.checkpoint_dir)
         assert restarted.save_checkpoint(small_state(3), step=3) is not None
         assert list(restarted.list_available_checkpoints()) == ["step_3"]
         assert checkpoint_dir_entries(restarted.checkpoint_dir) == {"state_3"}
+        committed_dirs_are_clean(restarted.checkpoint_dir)
     finally:
         ckpt.close()
 
@@ -541,7 +541,7 @@ def test_failed_removal_of_the_superseded_data_file_keeps_the_new_latest_and_is_
     registry, monkeypatch, err_name
 ):
     """After latest is overwritten, the previous save's data file is garbage: a failure
-    to remove it does not fail the committed save; the next Checkpointer removes it."""
+    to remove it does not fail the committed save; the next writer removes it."""
     ckpt = Checkpointer(registry, "run")
     old_dir = Path(ckpt.save_latest(small_state(1), step=1))
     (old_file,) = old_dir.glob("data-*.safetensors")
@@ -563,9 +563,13 @@ def test_failed_removal_of_the_superseded_data_file_keeps_the_new_latest_and_is_
     assert loaded["step"] == 2
     assert_tree_equal(small_state(2), loaded["state"])
     restarted = Checkpointer(registry, "run")
+    assert old_file.exists()  # opening the run deletes nothing
+    # The next writer's first commit (a numbered checkpoint, which supersedes nothing
+    # in state_latest) removes it.
+    assert restarted.save_checkpoint(small_state(3), step=3) is not None
     assert not old_file.exists()
     committed_dirs_are_clean(restarted.checkpoint_dir)
-    assert_tree_equal(small_state(2), restarted.load_latest()["state"])
+    assert_tree_equal(small_state(2), restarted.load_checkpoint("latest")["state"])
 
 
 def test_failed_listing_after_the_commit_keeps_the_new_latest_whole(registry, monkeypatch):

@@ -40,13 +40,50 @@ class BestTracker:
         self.keep_best = keep_best
         self.metric_name = metric_name
         self.minimize = minimize
-        self.value: float = _policy.initial_best(minimize)
+        self._value: float = _policy.initial_best(minimize)
+        # Why the stored best value is not known (it could not be read), or None.
+        self._unknown: OSError | None = None
         self.pending: float | None = None  # the best value the save in flight writes
+
+    @property
+    def value(self) -> float:
+        """The best value so far. When the stored one could not be read, it is read
+        again; ``OSError`` if that fails too (never ``inf`` while a better best may be
+        stored)."""
+        if self._unknown is not None:
+            self.restore()
+        if self._unknown is not None:
+            raise OSError(
+                self._unknown.errno,
+                f"the best value of this run is unknown: reading state_best failed "
+                f"({self._unknown})",
+                self.run.join(checkpoint_name(BEST)),
+            )
+        return self._value
+
+    @value.setter
+    def value(self, value: float) -> None:
+        self._value = value
+        self._unknown = None
 
     def restore(self) -> None:
         """Take the best value from the run's best checkpoint, if it was chosen by the
-        same metric in the same direction (else warn and start afresh)."""
-        record = self.run.best_record(self.metric_name, self.minimize)
+        same metric in the same direction (else warn and start afresh). When it cannot
+        be read (an I/O error, not a missing or damaged checkpoint), the value is
+        unknown until a later read succeeds: no best decision is made meanwhile."""
+        try:
+            record = self.run.best_record(self.metric_name, self.minimize)
+        except OSError as e:
+            if self._unknown is None:
+                logger.warning(
+                    "Cannot read the best value of %s (%s): state_best is not replaced "
+                    "until it can be read.",
+                    self.run.path,
+                    e,
+                )
+            self._unknown = e
+            return
+        self._unknown = None
         if record is None:
             return
         if record.metric != self.metric_name or record.minimize != self.minimize:
@@ -64,10 +101,10 @@ class BestTracker:
                 "The best checkpoint of this run records %r as NaN, which is never a best "
                 "value; starting from %s.",
                 record.metric,
-                self.value,
+                self._value,
             )
             return
-        self.value = record.value
+        self._value = record.value
 
     def write_if_better(
         self, metric_value: Any, metrics: dict[str, Any] | None, step: int
@@ -77,11 +114,28 @@ class BestTracker:
         encoded metrics to store with it (``None``: just the metric)."""
         if not self.keep_best:
             return None
-        value = self._agreed(metric_value, step)
-        best = self.pending if self.pending is not None else self.value
-        if not _policy.is_better(value, best, self.minimize):
+        value = _policy.metric_float(metric_value, self.metric_name)
+        # On a multi-host run process 0 decides, for all: its value if better, else NaN.
+        if self.coord is None or self.coord.leader:
+            value = value if self._beats_best(value, step) else math.nan
+        value = agreed_float(
+            self.coord, value, f"metric/{step}", f"the metric {self.metric_name!r}"
+        )
+        if math.isnan(value):
             return None
         return self._write_of(value, metrics)
+
+    def _beats_best(self, value: float, step: int) -> bool:
+        """Whether ``value`` is strictly better than the best so far (or the one being
+        written); ``False``, with a warning, while the stored best cannot be read."""
+        if self.pending is not None:
+            return _policy.is_better(value, self.pending, self.minimize)
+        try:
+            best = self.value
+        except OSError as e:
+            logger.warning("Not saving state_best at step %d: %s", step, e)
+            return False
+        return _policy.is_better(value, best, self.minimize)
 
     def write_by_hand(self, metrics: Any, encoded: dict[str, Any], step: int) -> PlannedWrite:
         """The write of a best checkpoint saved by hand (``save_checkpoint(is_best=True)``):
@@ -95,9 +149,14 @@ class BestTracker:
             return PlannedWrite("best", checkpoint_name(BEST), encoded)
         return self._write_of(value, encoded)
 
-    def committed(self, value: float) -> None:
-        """A best checkpoint of ``value`` is committed: it is the best now."""
-        self.value = value
+    def committed(self, value: float | None) -> None:
+        """A best checkpoint of ``value`` is committed: it is the best now. ``None``: a
+        best checkpoint may or may not have been committed (its write's outcome is
+        unknown), so the value is read again before the next decision."""
+        if value is None:
+            self._unknown = OSError("the last write of state_best may not have been committed")
+        else:
+            self.value = value
 
     def _agreed(self, value: Any, step: int) -> float:
         """``value`` as a float; on a multi-host run, process 0's value for all."""

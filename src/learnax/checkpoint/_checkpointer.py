@@ -156,8 +156,8 @@ class Checkpointer:
             self._run, self._coord, on_best=self._best.committed, retain=self._retain
         )
         _make_checkpoint_dir(self._storage, self.checkpoint_dir)
-        if self._coord is None:
-            self._run.clean_leftovers()
+        # Nothing is cleaned up here: a Checkpointer may be an evaluation job's reader
+        # while training saves. The writer removes leftovers after its first commit.
         self._best.restore()
 
     # The best-by-metric settings and value live in the tracker; these read and set them.
@@ -179,7 +179,8 @@ class Checkpointer:
     best_metric_value = property(
         lambda self: self._best.value,
         lambda self, value: setattr(self._best, "value", value),
-        doc="The best value of ``metric_name`` committed so far (``inf`` / ``-inf`` at first).",
+        doc="The best value of ``metric_name`` committed so far (``inf`` / ``-inf`` at "
+        "first); ``OSError`` while the stored one cannot be read.",
     )
 
     # ----------------------------------------------------------------- policy

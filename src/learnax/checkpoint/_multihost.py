@@ -34,6 +34,7 @@ import jax
 
 from . import _tree, _write
 from ._manifest import Part, manifest_body, manifest_bytes
+from ._storage import UncertainWriteError
 
 if TYPE_CHECKING:
     from ._run import RunDirectory
@@ -246,12 +247,12 @@ def save_multihost(
     metrics: dict[str, Any],
     extra: dict[str, Any] | None,
     exchange: str,
-    after_commit: Callable[[], None],
+    after_commit: Callable[[str], None],
 ) -> None:
     """Save checkpoint ``name`` of ``run`` across the processes: every process writes
     its shards to its own data files; process 0 gathers the parts, commits the
-    manifest, runs ``after_commit`` (while the others still wait), then tells them the
-    outcome. Raises ``OSError`` on every process when any part failed
+    manifest, runs ``after_commit(directory)`` (while the others still wait), then tells
+    them the outcome. Raises ``OSError`` on every process when any part failed
     (``VisibleNotDurableError`` when the checkpoint is committed but its durability is
     unconfirmed)."""
     directory = run.join(name)
@@ -259,16 +260,18 @@ def save_multihost(
         part = _write_own_part(coord, run, name, step, leaves, exchange)
         outcome = coord.wait_outcome(exchange)
         if "error" in outcome:
-            if isinstance(part, Part) and not outcome.get("visible"):
+            kept = outcome.get("visible") or outcome.get("uncertain")
+            if isinstance(part, Part) and not kept:
                 _write.remove_files(run.storage, directory, part.files)
-            error = _write.VisibleNotDurableError if outcome.get("visible") else PeerError
-            raise error(outcome["error"])
+            if outcome.get("visible"):
+                raise _write.VisibleNotDurableError(outcome["error"])
+            raise (UncertainWriteError if kept else PeerError)(outcome["error"])
         return
     outcome: dict[str, Any] = {"error": "process 0 failed (see its log)"}
     part = None
     try:
         # The run's lock (local disks) from before process 0 writes until the commit,
-        # so that no other job's start-up cleanup takes the new files.
+        # so that no other writer's cleanup of leftovers takes the new files.
         with run.storage.lock(run.path):
             part = _write_own_part(coord, run, name, step, leaves, exchange)
             if isinstance(part, str):
@@ -280,9 +283,10 @@ def save_multihost(
             coord.check_not_abandoned(exchange)
             _write.commit(run.storage, directory, manifest_bytes(body), set(merged.files))
         outcome = {}
-        after_commit()  # now no process of this job writes: the others wait for the outcome
-    except _write.VisibleNotDurableError as e:
-        outcome = {"error": f"process 0: {e}", "visible": True}
+        after_commit(directory)  # no process of this job writes now: the others wait
+    except (_write.VisibleNotDurableError, UncertainWriteError) as e:
+        visible = isinstance(e, _write.VisibleNotDurableError)
+        outcome = {"error": f"process 0: {e}", "visible": visible, "uncertain": not visible}
         raise
     except BaseException as e:
         if outcome:  # not committed

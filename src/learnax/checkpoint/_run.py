@@ -316,10 +316,11 @@ class RunDirectory:
         latest = checkpoint_name(LATEST)
         if self.is_committed(latest):
             try:
-                step = float(self.read_manifest(latest)["step"])
+                candidates.append((float(self.read_manifest(latest)["step"]), 1, latest))
             except CheckpointCorruptedError:
-                step = math.inf
-            candidates.append((step, 1, latest))
+                candidates.append((math.inf, 1, latest))
+            except FileNotFoundError:
+                pass  # deleted since it was listed: not a candidate
         return [name for *_, name in sorted(candidates, reverse=True)]
 
     def find_step(self, step: int) -> str | None:
@@ -400,10 +401,12 @@ class RunDirectory:
         crash halfway leaves a directory without manifest, a leftover, never a
         checkpoint with missing files."""
         directory = self.join(name)
-        if checkpoint_key(name) is None or self.is_foreign(name):
-            logger.warning("Not deleting %s: not a checkpoint directory learnax wrote", directory)
-            return False
         try:
+            if checkpoint_key(name) is None or self.is_foreign(name):
+                logger.warning(
+                    "Not deleting %s: not a checkpoint directory learnax wrote", directory
+                )
+                return False
             with self.storage.lock(self.path):
                 self.storage.remove(self.storage.join(directory, MANIFEST))
                 self.storage.fsync_dir(directory)
@@ -414,28 +417,36 @@ class RunDirectory:
         logger.debug("Deleted old checkpoint %s", directory)
         return True
 
-    def clean_leftovers(self) -> None:
+    def clean_leftovers(self, now: float) -> None:
         """Remove what interrupted saves and deletions left behind: directories without
-        a manifest, data files no manifest refers to, temporary manifests. Skipped while
-        another process is saving to this run (it holds the lock)."""
+        a manifest, data files no manifest refers to, temporary manifests. Only a
+        writer calls it, after its own first commit (a reader never deletes), and
+        ``now`` is the storage's clock at that commit (see ``Storage.unused``). Skipped
+        while another process is saving to this run (it holds the lock); anything the
+        storage cannot answer about is left as it is."""
         with self.storage.lock(self.path, blocking=False) as locked:
             if not locked:
                 return
-            for entry in self.scan()[0]:
+            try:
+                entries = self.scan()[0]
+            except OSError as e:
+                logger.warning("Could not list %s to clean up leftovers: %s", self.path, e)
+                return
+            for entry in entries:
                 directory = self.join(entry)
                 try:
-                    self._clean_checkpoint_dir(entry, directory)
+                    self._clean_checkpoint_dir(entry, directory, now)
                 except OSError as e:
                     logger.warning("Could not clean up leftovers in %s: %s", directory, e)
 
-    def _clean_checkpoint_dir(self, entry: str, directory: str) -> None:
+    def _clean_checkpoint_dir(self, entry: str, directory: str, now: float) -> None:
         storage = self.storage
         manifest_kind = storage.kind(storage.join(directory, MANIFEST))
         if manifest_kind not in (None, "file"):
             self._warn_once(entry, "its manifest is not a regular file")
             return
         if manifest_kind is None:
-            if storage.unused(directory):
+            if storage.unused(directory, now):
                 logger.info(
                     "Removing incomplete checkpoint %s (an interrupted save or deletion)",
                     directory,
@@ -452,7 +463,12 @@ class RunDirectory:
             path = storage.join(directory, name)
             # Only what learnax writes there is ever removed: a file someone else put
             # in a checkpoint directory (notes, a link) stays.
-            if kind == "file" and is_own_file(name) and name not in keep and storage.unused(path):
+            if (
+                kind == "file"
+                and is_own_file(name)
+                and name not in keep
+                and storage.unused(path, now)
+            ):
                 logger.info("Removing leftover file %s", path)
                 storage.remove(path)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from . import _write
 from ._errors import CheckpointSaveError
+from ._manifest import MANIFEST
 from ._multihost import Coordinator, save_multihost
 from ._run import RunDirectory
 from ._storage import NOT_WRITABLE_ERRNOS
@@ -47,16 +48,18 @@ class Saver:
         run: RunDirectory,
         coord: Coordinator | None,
         *,
-        on_best: Callable[[float], None],
+        on_best: Callable[[float | None], None],
         retain: Callable[[], None],
     ) -> None:
         self.run = run
         self.coord = coord
         self._on_best = on_best
         self._retain = retain
-        # Multi-host: the other processes may be writing their part of a first save
-        # already, so process 0 cleans up after its first commit instead of at start.
-        self._cleaned = coord is None
+        # Leftovers of interrupted saves are removed by the writer, after its first
+        # commit: never by a reader (an evaluation job opening the run while training
+        # uploads), and at a moment when this job is not writing (multi-host: the other
+        # processes wait for process 0's word then).
+        self._cleaned = False
         self._read_only = False  # a save found the registry not writable (logged once)
 
     def write(self, write: PlannedWrite, tree: Any, leaves: list[Any], step: int) -> str | None:
@@ -67,9 +70,11 @@ class Saver:
         except OSError as e:
             self._log_failure(directory, step, e)
             write.error = e
-            if isinstance(e, _write.VisibleNotDurableError) and write.best_value is not None:
-                # state_best is the new one now: never let a worse value replace it.
-                self._on_best(write.best_value)
+            if _write.may_be_committed(e) and write.best_value is not None:
+                # state_best is (or may be) the new one now: never let a worse value
+                # replace it; when nobody can tell, the value is read again later.
+                visible = isinstance(e, _write.VisibleNotDurableError)
+                self._on_best(write.best_value if visible else None)
             return None
         logger.debug("Saved checkpoint %s (step %d)", directory, step)
         if write.best_value is not None:
@@ -113,21 +118,31 @@ class Saver:
                 after_commit=self._clean_once,
             )
             return
+        directory = self.run.join(write.name)
         with self.run.storage.lock(self.run.path):
             _write.write_checkpoint(
                 self.run.storage,
-                self.run.join(write.name),
+                directory,
                 tree=tree,
                 leaves=leaves,
                 step=step,
                 metrics=write.metrics,
                 extra=write.extra,
             )
+        self._clean_once(directory)
 
-    def _clean_once(self) -> None:
-        if not self._cleaned:
-            self.run.clean_leftovers()
-            self._cleaned = True
+    def _clean_once(self, committed: str) -> None:
+        """After this writer's first commit (``committed``, a checkpoint directory),
+        remove the run's leftovers, aged by the storage's clock at that commit."""
+        if self._cleaned:
+            return
+        self._cleaned = True
+        try:
+            now = self.run.storage.mtime(self.run.storage.join(committed, MANIFEST))
+        except OSError as e:
+            logger.warning("Not cleaning up leftovers in %s: %s", self.run.path, e)
+            return
+        self.run.clean_leftovers(now)
 
     def write_all(
         self, tree: Any, leaves: list[Any], step: int, writes: list[PlannedWrite]

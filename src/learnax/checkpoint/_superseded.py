@@ -7,8 +7,8 @@ opens them right after the manifest; on an object store it reads them for as lon
 the load takes). So they stay for ``SUPERSEDED_GRACE_S`` seconds, then a daemon thread
 removes them. Their names are never used again (each save has a new id), so removing
 them late can never touch a newer checkpoint. What a process leaves when it exits is
-removed at exit; what a killed process leaves, the next Checkpointer's start-up cleanup
-removes (``_run.RunDirectory.clean_leftovers``).
+removed at exit; what a killed process leaves, the next writer removes after its first
+commit (``_run.RunDirectory.clean_leftovers``).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ from ._manifest import (
     tmp_manifest_name,
 )
 from ._safetensors import safetensors_header
-from ._storage import Storage
+from ._storage import Storage, UncertainWriteError
 from ._threads import parallel_map, run_in_background, split_contiguous
 
 logger = logging.getLogger("learnax")
@@ -54,6 +54,13 @@ MIN_FILE_BYTES = 64 << 20
 class VisibleNotDurableError(OSError):
     """The checkpoint was renamed into place (visible, whole) but the fsync of its
     directory failed, so a power cut could still undo it."""
+
+
+def may_be_committed(error: BaseException) -> bool:
+    """Whether a failed save may have committed its manifest (visible but not durable,
+    or a manifest write whose outcome nobody can tell): then no file it wrote may be
+    removed, since that manifest may name them, nor any of the checkpoint before."""
+    return isinstance(error, (VisibleNotDurableError, UncertainWriteError))
 
 
 @dataclass
@@ -91,13 +98,16 @@ def write_checkpoint(
     is untouched; after it (``VisibleNotDurableError``, the final directory fsync
     failed) the new checkpoint is visible and whole, but its durability unconfirmed.
     """
-    new_directory = not writable_checkpoint_dir(storage, directory)
+    writable_checkpoint_dir(storage, directory)
     manifest: list[bytes] = []
 
     def build_manifest(part: Part) -> None:
         # Runs while the data files are still being written, when they can be.
         manifest.append(manifest_bytes(manifest_body(tree, part, step, metrics, extra)))
 
+    # On failure only what this save wrote is removed, by name: never the directory
+    # with whatever a listing said was in it (a stale listing of an object store can
+    # miss the committed checkpoint's files), and the directory only when empty.
     try:
         storage.makedirs(directory)
         part = write_part(
@@ -108,18 +118,16 @@ def write_checkpoint(
             build_manifest,
         )
     except BaseException:
-        if new_directory:
-            with contextlib.suppress(OSError):
-                storage.rmtree(directory)
+        with contextlib.suppress(OSError):
+            storage.remove_empty_dir(directory)
         raise
     try:
         commit(storage, directory, manifest[0], set(part.files))
     except OSError as e:
-        if not isinstance(e, VisibleNotDurableError):
+        if not may_be_committed(e):
             remove_files(storage, directory, part.files)
-            if new_directory:
-                with contextlib.suppress(OSError):
-                    storage.rmtree(directory)
+            with contextlib.suppress(OSError):
+                storage.remove_empty_dir(directory)
         raise
 
 
@@ -238,11 +246,9 @@ def commit(storage: Storage, directory: str, manifest: bytes, files: set[str]) -
     # The data files' directory entries must be durable before the manifest that
     # names them can be: otherwise a power cut could keep the rename but not them.
     storage.fsync_dir(directory)
-    storage.replace_atomic(
-        storage.join(directory, MANIFEST),
-        manifest,
-        tmp_name=tmp_manifest_name(),
-    )
+    # On an object store a failed PUT may have been applied all the same; the storage
+    # then reads back what is there, and raises UncertainWriteError if it cannot tell.
+    storage.replace_atomic(storage.join(directory, MANIFEST), manifest, tmp_manifest_name())
     # The rename is durable once the directory is: a failure here still fails the
     # save (durability unconfirmed), but the new checkpoint is whole and visible now,
     # so its files stay.

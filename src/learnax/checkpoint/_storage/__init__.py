@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import NOT_WRITABLE_ERRNOS, ReadFile, Storage, UnsafeFileError
+from .base import NOT_WRITABLE_ERRNOS, ReadFile, Storage, UncertainWriteError, UnsafeFileError
 from .fsspec import LEFTOVER_GRACE_S, FsspecReadFile, FsspecStorage
 from .local import LOCK_NAME, LocalReadFile, LocalStorage, skip_transferred
 
@@ -25,6 +25,7 @@ __all__ = [
     "LocalStorage",
     "ReadFile",
     "Storage",
+    "UncertainWriteError",
     "UnsafeFileError",
     "open_storage",
     "skip_transferred",

@@ -7,7 +7,9 @@ contract both back-ends keep (:class:`~.local.LocalStorage` and
 :class:`~.fsspec.FsspecStorage`): what a missing path does, what is atomic, and what is
 durable when the call returns. Whatever the back-end, a failure of the filesystem comes
 out as ``OSError`` (``FileNotFoundError`` for a missing path), so a failed save looks
-the same on a local disk and on S3.
+the same on a local disk and on S3. "Missing" is only ever the storage's own answer: a
+request that failed (a throttled HEAD, an EIO of a network filesystem) raises, because
+callers delete, reset or give up on what they are told is absent.
 
 What a back-end opens for reading it opens only if it is a regular file (never a link,
 a FIFO or a device, which could block or never end), and it never reads more bytes
@@ -18,9 +20,12 @@ readers report as damage of that one checkpoint.
 from __future__ import annotations
 
 import errno
+import logging
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import BinaryIO, Protocol, runtime_checkable
+
+logger = logging.getLogger("learnax")
 
 # The errors of a write to storage that nobody may write to (a read-only mount, a
 # frozen copy without write permission): every later write fails alike.
@@ -30,6 +35,12 @@ NOT_WRITABLE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 class UnsafeFileError(OSError):
     """A path that must be a regular file is something else (a symbolic link, a FIFO,
     a device, a directory) or is larger than the reader allows."""
+
+
+class UncertainWriteError(OSError):
+    """A write that failed in a way that may have been applied all the same (an object
+    store that stored a PUT and lost its reply), whose outcome could not be read back
+    either: the path holds the new content or the old."""
 
 
 @runtime_checkable
@@ -69,28 +80,30 @@ class Storage(Protocol):
 
     def listdir(self, path: str) -> list[str]:
         """The names (not paths) of the entries in directory ``path``; ``[]`` when it
-        does not exist."""
+        does not exist, ``OSError`` when it cannot be listed."""
         ...
 
     def scan(self, path: str) -> list[tuple[str, str]]:
         """The entries of directory ``path`` with their kind, as :meth:`kind` gives it
         (``"dir"``, ``"file"``, ``"other"``), in one listing; ``[]`` when it does not
-        exist."""
+        exist, ``OSError`` when it cannot be listed."""
         ...
 
     def isdir(self, path: str) -> bool:
         """Whether ``path`` is a directory (on an object store: a prefix with objects
-        under it); ``False`` when missing."""
+        under it); ``False`` only when the storage says nothing is there, ``OSError``
+        when it cannot tell (an EIO, a throttled request)."""
         ...
 
     def isfile(self, path: str) -> bool:
-        """Whether ``path`` is a regular file (a link to one is not); ``False`` when
-        missing."""
+        """Whether ``path`` is a regular file (a link to one is not); ``False`` only when
+        the storage says it is missing, ``OSError`` when it cannot tell."""
         ...
 
     def kind(self, path: str) -> str | None:
         """What is at ``path``, without following a link there: ``"dir"``, ``"file"`` (a
-        regular file), ``"other"`` (a link, FIFO, socket or device) or ``None``."""
+        regular file), ``"other"`` (a link, FIFO, socket or device), or ``None`` when
+        the storage says nothing is there; ``OSError`` when it cannot tell."""
         ...
 
     def size(self, path: str) -> int:
@@ -102,9 +115,11 @@ class Storage(Protocol):
         ``FileNotFoundError`` when missing, ``0.0`` where the filesystem keeps no times."""
         ...
 
-    def unused(self, path: str) -> bool:
+    def unused(self, path: str, now: float) -> bool:
         """Whether the leftover ``path`` (a file or a directory) may be removed now, that
-        is, no save in another process may still be writing it; ``True`` when missing."""
+        is, no save in another process may still be writing it; ``True`` when missing.
+        ``now`` is the storage's own clock (the modification time of a file the caller
+        has just written), so that a skewed local clock cannot age a young file."""
         ...
 
     def usage(self, path: str) -> tuple[int, float]:
@@ -143,7 +158,9 @@ class Storage(Protocol):
         """Make ``path`` hold ``data`` in one atomic step: a reader sees the old content or
         the new, never a mix (``tmp_name`` names the temporary file beside ``path`` where
         the back-end needs one). Durable once the caller runs :meth:`fsync_dir` on the
-        parent; a failure there comes after the new content became visible."""
+        parent; a failure there comes after the new content became visible. An
+        ``OSError`` means ``path`` was not replaced, except :class:`UncertainWriteError`:
+        nobody can tell (the back-end tried to read the outcome back and could not)."""
         ...
 
     def fsync_dir(self, path: str) -> None:
@@ -160,6 +177,12 @@ class Storage(Protocol):
         directory is fine."""
         ...
 
+    def remove_empty_dir(self, path: str) -> None:
+        """Remove directory ``path`` if it is empty; one that is missing or not empty is
+        left as it is (on an object store, where a directory is a key prefix, there is
+        nothing to remove)."""
+        ...
+
     def lock(self, directory: str, *, blocking: bool = True) -> AbstractContextManager[bool]:
         """A context holding an exclusive lock on ``directory`` among processes; it yields
         whether the lock was taken (always ``True`` when ``blocking``, and always where
@@ -167,3 +190,26 @@ class Storage(Protocol):
         read-only directory a non-blocking lock yields ``False`` (nothing may be
         cleaned there) and a blocking one raises the ``OSError``."""
         ...
+
+
+def confirm_replaced(storage: Storage, path: str, data: bytes, error: BaseException) -> None:
+    """The step that replaces ``path`` with ``data`` raised ``error``, but it may have
+    been applied all the same: an object store can store a PUT and lose its reply, and
+    an NFS rename whose reply was lost fails on its retry though it was done. Read back
+    what is there: ``data`` itself means it was applied (return); anything else, or
+    nothing, means it was not (``error`` raised); no answer means nobody can tell
+    (:class:`UncertainWriteError`)."""
+    try:
+        there = storage.read_bytes(path, len(data))
+    except (FileNotFoundError, UnsafeFileError):  # none, or larger than ``data``
+        raise error from None
+    except OSError as e:
+        raise UncertainWriteError(
+            errno.EIO,
+            f"replacing it failed ({type(error).__name__}: {error}) and reading it back "
+            f"failed too ({e}): it holds the new content or the old",
+            path,
+        ) from error
+    if there != data:
+        raise error
+    logger.warning("Writing %s reported %s, but it holds what was written", path, error)

@@ -13,11 +13,10 @@ import contextlib
 import datetime
 import errno
 import functools
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO, TypeVar
 
-from .base import UnsafeFileError
+from .base import UnsafeFileError, confirm_replaced
 
 T = TypeVar("T")
 
@@ -107,19 +106,18 @@ class FsspecStorage:
             return []
         return [(e["name"].rstrip("/").rpartition("/")[2], _kind_of(e)) for e in entries]
 
-    @_as_oserror
+    # Not fs.isdir / fs.isfile: fsspec turns every exception into False there, so a
+    # throttled HEAD would read as "no checkpoint here".
     def isdir(self, path: str) -> bool:
-        self._fresh(path)
-        return bool(self.fs.isdir(path))
+        return self.kind(path) == "dir"
 
-    @_as_oserror
     def isfile(self, path: str) -> bool:
-        self._fresh(self.dirname(path))
-        return bool(self.fs.isfile(path))
+        return self.kind(path) == "file"
 
     @_as_oserror
     def kind(self, path: str) -> str | None:
-        self._fresh(self.dirname(path))
+        self._fresh(self.dirname(path))  # listings cached by another call
+        self._fresh(path)
         try:
             info = self.fs.info(path)
         except FileNotFoundError:
@@ -139,25 +137,27 @@ class FsspecStorage:
             return 0.0
 
     @_as_oserror
-    def unused(self, path: str) -> bool:
+    def unused(self, path: str, now: float) -> bool:
         """Whether a leftover (a file or a prefix) may be removed. Without a lock, a
-        file written in the last LEFTOVER_GRACE_S seconds may belong to a save still in
-        progress in another job (an evaluation job opening the run while it trains),
-        so it is left for a later Checkpointer."""
-        self._fresh(path)
+        file written less than LEFTOVER_GRACE_S before ``now`` (the store's own clock,
+        never this machine's) may belong to a save still uploading in another job, so
+        it is left for a later cleanup."""
+        if now <= 0.0:
+            return True  # no times kept (memory://): nothing to tell a save in progress by
         try:
-            files = self.fs.find(path, detail=True) if self.fs.isdir(path) else {path: None}
+            kind = self.kind(path)
+            files = self.fs.find(path, detail=False) if kind == "dir" else [path]
         except FileNotFoundError:
             return True
-        now = time.time()
         for name in files:
             try:
-                if now - self.fs.modified(name).timestamp() < LEFTOVER_GRACE_S:
-                    return False
+                when = self.fs.modified(name).timestamp()
             except FileNotFoundError:
                 continue
             except (NotImplementedError, AttributeError):
-                return True  # no times kept (memory://): nothing to tell a save in progress by
+                return True
+            if now - when < LEFTOVER_GRACE_S:
+                return False
         return True
 
     @_as_oserror
@@ -231,7 +231,10 @@ class FsspecStorage:
     def replace_atomic(self, path: str, data: bytes, tmp_name: str) -> None:
         if self._object_store:
             # One PUT: readers see the old object or the new one, never a mix.
-            self.fs.pipe_file(path, data)
+            try:
+                self.fs.pipe_file(path, data)
+            except Exception as e:  # its reply may be lost, the PUT applied
+                confirm_replaced(self, path, data, e)
             return
         # A filesystem with directories (sftp, hdfs, smb...): a temporary file moved
         # over the old one, as on a local disk.
@@ -256,6 +259,13 @@ class FsspecStorage:
     def rmtree(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(path, recursive=True)
+
+    @_as_oserror
+    def remove_empty_dir(self, path: str) -> None:
+        if self._object_store:
+            return  # a key prefix: gone with its last object
+        with contextlib.suppress(OSError):  # missing, or not empty
+            self.fs.rmdir(path)
 
     @contextlib.contextmanager
     def lock(self, directory: str, *, blocking: bool = True) -> Iterator[bool]:

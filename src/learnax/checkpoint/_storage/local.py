@@ -22,7 +22,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
-from .base import NOT_WRITABLE_ERRNOS, UnsafeFileError
+from .base import NOT_WRITABLE_ERRNOS, UnsafeFileError, confirm_replaced
 
 try:  # POSIX only; on other systems the lock is a no-op.
     import fcntl
@@ -67,7 +67,7 @@ class LocalStorage:
         is fsynced in its parent, or a power cut could lose the whole subtree."""
         path = os.path.abspath(path)
         missing = []
-        while not os.path.isdir(path):
+        while not self.isdir(path):
             missing.append(path)
             parent = os.path.dirname(path)
             if parent == path:
@@ -77,7 +77,7 @@ class LocalStorage:
             try:
                 os.mkdir(directory)
             except FileExistsError:
-                if not os.path.isdir(directory):
+                if not self.isdir(directory):
                     raise
             self.fsync_dir(os.path.dirname(directory))
 
@@ -96,7 +96,12 @@ class LocalStorage:
             return []
 
     def isdir(self, path: str) -> bool:
-        return os.path.isdir(path)
+        # Not os.path.isdir, which says False for any error: an EIO of a network
+        # filesystem is not an absent directory.
+        try:
+            return stat.S_ISDIR(os.stat(path).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
 
     def isfile(self, path: str) -> bool:
         return self.kind(path) == "file"
@@ -116,7 +121,7 @@ class LocalStorage:
     def mtime(self, path: str) -> float:
         return os.path.getmtime(path)
 
-    def unused(self, path: str) -> bool:
+    def unused(self, path: str, now: float) -> bool:
         """Whether a leftover may be removed: always here, since a save in progress
         holds the run's lock and cleanup runs only when it can take it."""
         return True
@@ -211,11 +216,18 @@ class LocalStorage:
         tmp = os.path.join(os.path.dirname(path), tmp_name)
         try:
             self.write_durable(tmp, [data])
-            os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
             raise
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            # The rename may have been done all the same: an NFS rename whose reply was
+            # lost fails on its retry (ENOENT) although the server applied it.
+            confirm_replaced(self, path, data, e)
 
     def fsync_dir(self, path: str) -> None:
         fd = os.open(path, os.O_RDONLY)
@@ -231,6 +243,13 @@ class LocalStorage:
     def rmtree(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(path)
+
+    def remove_empty_dir(self, path: str) -> None:
+        try:
+            os.rmdir(path)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
+                raise
 
     @contextlib.contextmanager
     def lock(self, directory: str, *, blocking: bool = True) -> Iterator[bool]:
