@@ -255,6 +255,31 @@ def test_best_whose_manifest_reply_is_lost_leaves_a_loadable_best(faulty_s3, fau
     assert assert_every_listed_checkpoint_loads(ckpt) == {"best": best["step"]}
 
 
+def test_latest_whose_commit_cannot_be_read_back_deletes_nothing_and_says_so(faulty_s3, caplog):
+    """The manifest PUT is applied but its reply lost, and reading the manifest back
+    fails too: nobody can tell which latest the store holds, so the save returns None,
+    says the commit is uncertain, and removes nothing: neither its own data files (the
+    new manifest names them) nor the old ones (the old manifest may still be there)."""
+    ckpt = faulty_s3.checkpointer()
+    assert ckpt.save_latest(state(1), step=1) is not None
+    before = faulty_s3.keys(faulty_s3.checkpoint_dir())
+    faulty_s3.proxy.add("put", f"state_latest/{MANIFEST}", applied_then(500))
+    faulty_s3.proxy.add("get", f"state_latest/{MANIFEST}", SLOW_DOWN)
+
+    with caplog.at_level("ERROR", logger="learnax"):
+        saved = ckpt.save_latest(state(2), step=2)
+
+    faulty_s3.proxy.clear()
+    assert saved is None
+    assert any("may or may not have been committed" in r.getMessage() for r in caplog.records)
+    after = faulty_s3.keys(faulty_s3.checkpoint_dir())
+    assert before <= after, f"removed: {sorted(before - after)}"  # the old files stay
+    assert after - before  # and the new data file: the new manifest names it
+    latest = ckpt.load_latest()
+    assert latest["step"] == 2  # the store applied the PUT
+    assert_tree_equal(state(2), latest["state"])
+
+
 # --- a failed save after a stale listing ------------------------------------------
 
 

@@ -19,7 +19,7 @@ from ._errors import CheckpointSaveError
 from ._manifest import MANIFEST
 from ._multihost import Coordinator, save_multihost
 from ._run import RunDirectory
-from ._storage import NOT_WRITABLE_ERRNOS
+from ._storage import NOT_WRITABLE_ERRNOS, UncertainWriteError
 
 logger = logging.getLogger("learnax")
 
@@ -94,6 +94,15 @@ class Saver:
                 directory,
                 step,
                 error.strerror,
+            )
+            return
+        if isinstance(error, UncertainWriteError):
+            logger.error(
+                "Saving checkpoint %s (step %d) may or may not have been committed: %s. "
+                "It holds this save or the one before, whole; nothing was removed.",
+                directory,
+                step,
+                error,
             )
             return
         logger.error(
