@@ -8,7 +8,7 @@ from __future__ import annotations
 import atexit
 import inspect
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -23,9 +23,10 @@ _SMALL_LEAF = 1 << 20  # bytes: below it, a snapshot copies a CPU array on the h
 _DEVICE_PUT_MAY_ALIAS = "may_alias" in inspect.signature(jax.device_put).parameters
 
 
-def snapshot(leaves: list[_tree.ArrayLeaf]) -> None:
+def snapshot(leaves: list[_tree.ArrayLeaf], skip: Collection[str] = ()) -> None:
     """Make the leaves independent of the caller's arrays, which may change, be deleted
-    or donated as soon as an async save returns.
+    or donated as soon as an async save returns; those named in ``skip`` are never
+    read (their data is taken from an earlier checkpoint's files).
 
     Jax arrays are copied on their own devices in one batched call, which returns
     before the copies are done (no device-to-host transfer before returning). Small
@@ -37,6 +38,8 @@ def snapshot(leaves: list[_tree.ArrayLeaf]) -> None:
     spanning = []
     for leaf in leaves:
         value = leaf.value
+        if skip and leaf.name in skip:
+            continue
         if isinstance(value, jax.Array):
             if not value.is_fully_addressable:
                 spanning.append(leaf)

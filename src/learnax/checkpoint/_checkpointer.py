@@ -380,10 +380,11 @@ class Checkpointer:
         if self._coord is not None:
             for w in writes:
                 w.exchange = self._coord.new_key(f"save/{w.name}/{step}")
+        plan = self._saver.plan(leaves)
         if not self.async_save or self._closed:
-            return self._saver.write_all(tree, leaves, step, writes)
-        snapshot(leaves)
-        self._background.submit(self._saver.write_in_background, tree, leaves, step, writes)
+            return self._saver.write_all(tree, leaves, step, writes, plan)
+        snapshot(leaves, skip=plan.not_read)
+        self._background.submit(self._saver.write_in_background, tree, leaves, step, writes, plan)
         self._best.pending = next((w.best_value for w in writes if w.best_value is not None), None)
         return {w.key: self._run.join(w.name) for w in writes}
 

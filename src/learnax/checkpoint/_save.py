@@ -18,6 +18,7 @@ from . import _write
 from ._errors import CheckpointSaveError
 from ._manifest import MANIFEST
 from ._multihost import Coordinator, save_multihost
+from ._reuse import Plan, Reuse
 from ._run import RunDirectory
 from ._storage import NOT_WRITABLE_ERRNOS, UncertainWriteError
 
@@ -61,15 +62,27 @@ class Saver:
         # processes wait for process 0's word then).
         self._cleaned = False
         self._read_only = False  # a save found the registry not writable (logged once)
+        # What a save takes from the last commit instead of writing it (one host only:
+        # a multi-host checkpoint's files are each process's own).
+        self._reuse = Reuse(run.storage) if coord is None else None
 
-    def write(self, write: PlannedWrite, tree: Any, leaves: list[Any], step: int) -> str | None:
+    def plan(self, leaves: list[Any]) -> Plan:
+        """What a save of ``leaves`` takes from the last commit; call it before the
+        leaves are snapshotted (what is taken needs no copy)."""
+        return self._reuse.plan(leaves) if self._reuse is not None else Plan()
+
+    def write(
+        self, write: PlannedWrite, tree: Any, leaves: list[Any], step: int, plan: Plan
+    ) -> str | None:
         """Write and commit one checkpoint; on an I/O failure log it and return None."""
         directory = self.run.join(write.name)
         try:
-            self._commit(write, tree, leaves, step)
+            self._commit(write, tree, leaves, step, plan)
         except OSError as e:
             self._log_failure(directory, step, e)
             write.error = e
+            if isinstance(e, UncertainWriteError) and self._reuse is not None:
+                self._reuse.forget()
             if _write.may_be_committed(e) and write.best_value is not None:
                 # state_best is (or may be) the new one now: never let a worse value
                 # replace it; when nobody can tell, the value is read again later.
@@ -112,7 +125,9 @@ class Saver:
             error,
         )
 
-    def _commit(self, write: PlannedWrite, tree: Any, leaves: list[Any], step: int) -> None:
+    def _commit(
+        self, write: PlannedWrite, tree: Any, leaves: list[Any], step: int, plan: Plan
+    ) -> None:
         if self.coord is not None:
             save_multihost(
                 self.coord,
@@ -128,8 +143,10 @@ class Saver:
             )
             return
         directory = self.run.join(write.name)
+        assert self._reuse is not None
+        taken, apart = self._reuse.taken_files(leaves, plan)
         with self.run.storage.lock(self.run.path):
-            _write.write_checkpoint(
+            part = _write.write_checkpoint(
                 self.run.storage,
                 directory,
                 tree=tree,
@@ -137,7 +154,10 @@ class Saver:
                 step=step,
                 metrics=write.metrics,
                 extra=write.extra,
+                taken=taken,
+                apart=apart,
             )
+        self._reuse.committed(directory, part, leaves, plan)
         self._clean_once(directory)
 
     def _clean_once(self, committed: str) -> None:
@@ -154,20 +174,21 @@ class Saver:
         self.run.clean_leftovers(now)
 
     def write_all(
-        self, tree: Any, leaves: list[Any], step: int, writes: list[PlannedWrite]
+        self, tree: Any, leaves: list[Any], step: int, writes: list[PlannedWrite], plan: Plan
     ) -> dict[str, str | None]:
-        """Each of ``writes`` in turn; the path of each by its key (``None``: failed)."""
-        return {w.key: self.write(w, tree, leaves, step) for w in writes}
+        """Each of ``writes`` in turn (the first written, the others taking its files);
+        the path of each by its key (``None``: failed)."""
+        return {w.key: self.write(w, tree, leaves, step, plan) for w in writes}
 
     def write_in_background(
-        self, tree: Any, leaves: list[Any], step: int, writes: list[PlannedWrite]
+        self, tree: Any, leaves: list[Any], step: int, writes: list[PlannedWrite], plan: Plan
     ) -> None:
         """Each of ``writes`` in turn, on the worker thread: raises
         :class:`CheckpointSaveError` naming those that failed."""
         failed = []
         for write in writes:
             try:
-                if self.write(write, tree, leaves, step) is None:
+                if self.write(write, tree, leaves, step, plan) is None:
                     failed.append(write)
             except BaseException as e:  # a bug, not I/O: still reported to the caller
                 logger.exception("Background save of %s failed", write.name)

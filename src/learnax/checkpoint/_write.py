@@ -79,6 +79,20 @@ class _Tensor:
     data: np.ndarray | None = None  # the bytes, when taken from host memory up front
 
 
+@dataclass
+class TakenFile:
+    """A data file of an earlier checkpoint that a new one takes as it is (see
+    ``_reuse``): linked or copied by the storage, never sent again."""
+
+    source: str  # its path in the earlier checkpoint
+    entry: dict[str, Any]  # its entry in the manifest's "files" (bytes, header_crc32)
+    arrays: dict[str, dict[str, Any]]  # the array entries it holds for the new checkpoint
+
+    @property
+    def name(self) -> str:
+        return self.source.rpartition("/")[2]
+
+
 def write_checkpoint(
     storage: Storage,
     directory: str,
@@ -88,47 +102,71 @@ def write_checkpoint(
     step: int,
     metrics: dict[str, Any],
     extra: dict[str, Any] | None = None,
-) -> None:
-    """Write and commit one checkpoint in ``directory`` (created if missing).
+    taken: list[TakenFile] = (),  # type: ignore[assignment]
+    apart: set[str] = frozenset(),  # type: ignore[assignment]
+) -> Part:
+    """Write and commit one checkpoint in ``directory`` (created if missing); returns
+    the description of its data files.
 
     The arrays go to one or more data files written in parallel (one per I/O thread
     for large states), each leaf streamed from its own buffer: no copy of the whole
-    state is made. Returns once the checkpoint is durable and visible. Raises
-    ``OSError`` on any I/O failure: before the commit, what was committed there before
-    is untouched; after it (``VisibleNotDurableError``, the final directory fsync
-    failed) the new checkpoint is visible and whole, but its durability unconfirmed.
+    state is made. The leaves that ``taken`` files of earlier checkpoints hold are not
+    written: those files are linked or copied into ``directory`` (where that fails,
+    their leaves are written after all); the leaves named in ``apart`` go to data
+    files of their own, so that a later save can take those files whole. Returns once
+    the checkpoint is durable and visible. Raises ``OSError`` on any I/O failure:
+    before the commit, what was committed there before is untouched; after it
+    (``VisibleNotDurableError``, the final directory fsync failed) the new checkpoint
+    is visible and whole, but its durability unconfirmed.
     """
     writable_checkpoint_dir(storage, directory)
     manifest: list[bytes] = []
+    created: list[str] = []  # names of the files taken into ``directory`` by this save
+    held: dict[str, dict[str, Any]] = {}  # files taken: their entries
+    arrays: dict[str, dict[str, Any]] = {}  # and the array entries they provide
 
     def build_manifest(part: Part) -> None:
         # Runs while the data files are still being written, when they can be.
-        manifest.append(manifest_bytes(manifest_body(tree, part, step, metrics, extra)))
+        whole = Part({**held, **part.files}, {**arrays, **part.arrays})
+        manifest.append(manifest_bytes(manifest_body(tree, whole, step, metrics, extra)))
 
     # On failure only what this save wrote is removed, by name: never the directory
     # with whatever a listing said was in it (a stale listing of an object store can
     # miss the committed checkpoint's files), and the directory only when empty.
     try:
         storage.makedirs(directory)
+        for f in taken:
+            try:
+                if storage.take(f.source, storage.join(directory, f.name)):
+                    created.append(f.name)
+            except OSError as e:  # gone meanwhile (a checkpoint deleted by hand): write
+                logger.info("Could not take %s (%s); writing its arrays instead", f.source, e)
+                continue
+            held[f.name] = f.entry
+            arrays.update(f.arrays)
+        to_write = [_whole(leaf) for leaf in leaves if leaf.name not in arrays]
         part = write_part(
             storage,
             directory,
-            [_whole(leaf) for leaf in leaves],
+            to_write,
             secrets.token_hex(8),
             build_manifest,
+            apart=[t for t in to_write if t.leaf.name in apart],
         )
     except BaseException:
+        remove_files(storage, directory, created)
         with contextlib.suppress(OSError):
             storage.remove_empty_dir(directory)
         raise
     try:
-        commit(storage, directory, manifest[0], set(part.files))
+        commit(storage, directory, manifest[0], set(part.files) | set(held))
     except OSError as e:
         if not may_be_committed(e):
-            remove_files(storage, directory, part.files)
+            remove_files(storage, directory, [*part.files, *created])
             with contextlib.suppress(OSError):
                 storage.remove_empty_dir(directory)
         raise
+    return Part({**held, **part.files}, {**arrays, **part.arrays})
 
 
 def writable_checkpoint_dir(storage: Storage, directory: str) -> bool:
@@ -152,12 +190,16 @@ def write_part(
     tensors: list[_Tensor],
     file_prefix: str,
     while_writing: Callable[[Part], None] | None = None,
+    apart: list[_Tensor] = (),  # type: ignore[assignment]
 ) -> Part:
     """Write ``tensors`` to durable data files ``data-<file_prefix>-<i>.safetensors`` in
-    ``directory`` and return their description. ``while_writing(part)`` runs in this
-    thread once the checksums are known, while the files may still be written.
-    On failure the files written are removed and the ``OSError`` raised."""
-    groups = split_contiguous(tensors, [t.nbytes for t in tensors], MIN_FILE_BYTES) or [[]]
+    ``directory`` and return their description; those of ``tensors`` also in ``apart``
+    go to files of their own. ``while_writing(part)`` runs in this thread once the
+    checksums are known, while the files may still be written. On failure the files
+    written are removed and the ``OSError`` raised."""
+    own = {id(t) for t in apart}
+    groups = _groups([t for t in tensors if id(t) not in own]) + _groups(list(apart))
+    groups = groups or [[]]
     names = [f"data-{file_prefix}-{i}.safetensors" for i in range(len(groups))]
     for name, group in zip(names, groups, strict=True):
         for t in group:
@@ -194,6 +236,10 @@ def write_part(
         remove_files(storage, directory, files)
         raise
     return Part(files, _array_entries(tensors))
+
+
+def _groups(tensors: list[_Tensor]) -> list[list[_Tensor]]:
+    return split_contiguous(tensors, [t.nbytes for t in tensors], MIN_FILE_BYTES)
 
 
 def _write_from_host(

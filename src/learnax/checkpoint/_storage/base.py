@@ -154,6 +154,15 @@ class Storage(Protocol):
         directory entry needs :meth:`fsync_dir` to be durable."""
         ...
 
+    def take(self, source: str, path: str) -> bool:
+        """Make ``path`` a file with the bytes of file ``source`` without sending them
+        again: a hard link on a local disk (a copy where the filesystem has none), a
+        server-side copy on an object store. Returns whether it created ``path``:
+        ``False`` when ``path`` is ``source`` or exists already (data file names are
+        unique to one save's bytes, so a file of that name holds them). Durable as a
+        :meth:`write_durable` file is: the new entry needs :meth:`fsync_dir`."""
+        ...
+
     def replace_atomic(self, path: str, data: bytes, tmp_name: str) -> None:
         """Make ``path`` hold ``data`` in one atomic step: a reader sees the old content or
         the new, never a mix (``tmp_name`` names the temporary file beside ``path`` where

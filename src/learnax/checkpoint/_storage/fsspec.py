@@ -228,6 +228,13 @@ class FsspecStorage:
                 self.remove(path)
 
     @_as_oserror
+    def take(self, source: str, path: str) -> bool:
+        if source.rstrip("/") == path.rstrip("/"):
+            return False
+        self.fs.copy(source, path)  # server-side on object stores (S3 CopyObject)
+        return True
+
+    @_as_oserror
     def replace_atomic(self, path: str, data: bytes, tmp_name: str) -> None:
         if self._object_store:
             # One PUT: readers see the old object or the new one, never a mix.

@@ -46,6 +46,8 @@ _OPEN_FOR_READ = (
     | getattr(os, "O_NONBLOCK", 0)
     | getattr(os, "O_CLOEXEC", 0)
 )
+# What os.link says on a filesystem that has no hard links (or not across these paths).
+_NO_HARD_LINKS = {errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
 # What a failed open of the lock file says when nobody can save there (a read-only
 # directory, or one that could not be created): nothing to clean either.
 _READ_ONLY_ERRNOS = (*NOT_WRITABLE_ERRNOS, errno.ENOENT)
@@ -207,6 +209,28 @@ class LocalStorage:
                     flusher.finish()
             os.close(fd)
         return written
+
+    def take(self, source: str, path: str) -> bool:
+        if os.path.abspath(source) == os.path.abspath(path):
+            return False
+        try:
+            os.link(source, path, follow_symlinks=False)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in _NO_HARD_LINKS:
+                raise
+            # A filesystem without hard links (FAT, some FUSE and network mounts): a
+            # copy on the disk, which still spares the transfer and the encoding.
+            with open(source, "rb") as src:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    with os.fdopen(os.dup(fd), "wb") as dst:
+                        shutil.copyfileobj(src, dst, 8 << 20)
+                    sync_file(fd)
+                finally:
+                    os.close(fd)
+        return True
 
     def replace_atomic(self, path: str, data: bytes, tmp_name: str) -> None:
         """Make ``path`` hold ``data`` in one atomic step: write a temporary file beside
