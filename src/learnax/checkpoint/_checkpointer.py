@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 
-from . import _legacy, _policy, _tree
+from . import _legacy, _policy
 from ._background import BackgroundSaves, snapshot
 from ._best import BestTracker
 from ._errors import CheckpointCorruptedError
@@ -28,6 +28,7 @@ from ._run import checkpoint_name as _name
 from ._save import PlannedWrite, Saver
 from ._storage import NOT_WRITABLE_ERRNOS, Storage, open_storage
 from ._threads import gc_paused
+from ._tree_cache import TreeCache
 
 logger = logging.getLogger("learnax")
 
@@ -140,6 +141,7 @@ class Checkpointer:
         self.reached_preemption = False
         self._preemption = PreemptionWatch() if self.save_on_preemption else None
         self._background = BackgroundSaves()
+        self._tree_cache = TreeCache()
         self._closed = False
         # Multi-host: process 0 commits, cleans up and applies retention; the others
         # write their shards and wait for its word.
@@ -376,7 +378,7 @@ class Checkpointer:
         # The default prepare_fn, jax.device_get, is done leaf by leaf while writing:
         # the same result without a second copy of the whole state in host memory.
         state = train_state if self._default_prepare else self.prepare_fn(train_state)
-        tree, leaves = _tree.encode_tree(state)
+        tree, leaves = self._tree_cache.encode(state)
         if self._coord is not None:
             for w in writes:
                 w.exchange = self._coord.new_key(f"save/{w.name}/{step}")

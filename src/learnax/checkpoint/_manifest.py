@@ -88,9 +88,31 @@ def manifest_body(
 
 def manifest_bytes(body: dict[str, Any]) -> bytes:
     """``body`` framed with its checksum: the exact bytes of ``manifest.json``."""
-    raw = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    # The tree is the same object from one save to the next (``_tree_cache``): its JSON
+    # text, a third of the manifest, is kept rather than made again.
+    # (One read of the cache, which other threads may replace meanwhile; it holds the
+    # tree, so no other object can take its id.)
+    global _tree_json
+    tree, cached = body.get("tree"), _tree_json
+    if cached[0] is not tree:
+        cached = _tree_json = (tree, _dumps(tree))
+    raw = (
+        "{"
+        + ",".join(
+            f"{_dumps(k)}:{cached[1] if k == 'tree' else _dumps(v)}" for k, v in body.items()
+        )
+        + "}"
+    ).encode()
     prefix = b'{"checksum":"crc32:%08x","manifest":' % zlib.crc32(raw)
     return prefix + raw + _MANIFEST_SUFFIX
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+# The last tree written and its JSON text.
+_tree_json: tuple[Any, str] = (object(), "")
 
 
 def checksum(data: np.ndarray | memoryview) -> str | list[str]:

@@ -35,16 +35,6 @@ _TAKE_SHARE = 0.5
 
 
 @dataclass
-class _Committed:
-    """The data files of the last checkpoint this Checkpointer committed."""
-
-    directory: str
-    part: Part
-    snapshot: list[_tree.ArrayLeaf]  # the leaves it was written from (identity only)
-    originals: dict[str, weakref.ref[jax.Array]]  # leaf name -> the jax array written
-
-
-@dataclass
 class Plan:
     """What a save of one snapshot takes from the last commit, worked out in the
     caller's thread before the snapshot, which then copies only what is written."""
@@ -57,6 +47,15 @@ class Plan:
     def not_read(self) -> set[str]:
         """The names of the leaves whose data comes from taken files."""
         return {name for f in self.taken for name in f.arrays}
+
+
+@dataclass
+class _Committed:
+    """The data files of the last checkpoint this Checkpointer committed."""
+
+    directory: str
+    part: Part
+    plan: Plan  # the plan of the snapshot it was written from (its identity only)
 
 
 class Reuse:
@@ -81,7 +80,7 @@ class Reuse:
             if ref is None:
                 continue
             plan.originals[leaf.name] = ref
-            known = last.originals.get(leaf.name) if last is not None else None
+            known = last.plan.originals.get(leaf.name) if last is not None else None
             if known is not None and known() is value:
                 unchanged.add(leaf.name)
         if last is None or not unchanged:
@@ -105,7 +104,7 @@ class Reuse:
         file of the last commit when that was written from this very snapshot (latest,
         numbered and best due at one step), else what ``plan`` found."""
         last = self._last
-        if last is None or last.snapshot is not leaves:
+        if last is None or last.plan is not plan:
             return plan.taken, plan.apart
         names = {leaf.name for leaf in leaves}
         taken = []
@@ -116,12 +115,11 @@ class Reuse:
                 taken.append(TakenFile(source, last.part.files[file], keep))
         return taken, set()
 
-    def committed(
-        self, directory: str, part: Part, leaves: list[_tree.ArrayLeaf], plan: Plan
-    ) -> None:
-        """A checkpoint of ``leaves`` (planned with ``plan``) is committed in
-        ``directory`` with the data files ``part``."""
-        self._last = _Committed(directory, part, leaves, plan.originals)
+    def committed(self, directory: str, part: Part, plan: Plan) -> None:
+        """A checkpoint of the snapshot planned with ``plan`` is committed in
+        ``directory`` with the data files ``part`` (nothing of the snapshot is kept:
+        it may be a copy of the whole state)."""
+        self._last = _Committed(directory, part, plan)
 
     def forget(self) -> None:
         """Take nothing from earlier commits (after one whose outcome is unknown)."""

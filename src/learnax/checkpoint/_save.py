@@ -157,7 +157,7 @@ class Saver:
                 taken=taken,
                 apart=apart,
             )
-        self._reuse.committed(directory, part, leaves, plan)
+        self._reuse.committed(directory, part, plan)
         self._clean_once(directory)
 
     def _clean_once(self, committed: str) -> None:

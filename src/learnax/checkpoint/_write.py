@@ -216,15 +216,22 @@ def write_part(
         (storage.join(directory, name), header, group)
         for name, header, group in zip(names, headers, groups, strict=True)
     ]
+    described: list[Part] = []
+
+    def checksummed() -> None:
+        # The description is complete once every tensor's checksum is known.
+        described.append(Part(files, _array_entries(tensors)))
+        if while_writing is not None:
+            while_writing(described[0])
+
     try:
         if all(_in_host_memory(t.value) for t in tensors):
-            sizes = _write_from_host(storage, jobs, tensors, files, while_writing)
+            sizes = _write_from_host(storage, jobs, tensors, checksummed)
         else:
             # Arrays on accelerators are fetched one at a time while writing, and
             # checksummed there: never the whole state in host memory at once.
             sizes = parallel_map(lambda job: _write_data_file(storage, *job), jobs)
-            if while_writing is not None:
-                while_writing(Part(files, _array_entries(tensors)))
+            checksummed()
         for name, size in zip(names, sizes, strict=True):
             if size != files[name]["bytes"]:
                 raise ValueError(
@@ -235,7 +242,7 @@ def write_part(
         # the next Checkpointer removes.
         remove_files(storage, directory, files)
         raise
-    return Part(files, _array_entries(tensors))
+    return described[0]
 
 
 def _groups(tensors: list[_Tensor]) -> list[list[_Tensor]]:
@@ -246,20 +253,19 @@ def _write_from_host(
     storage: Storage,
     jobs: list[tuple[str, bytes, list[_Tensor]]],
     tensors: list[_Tensor],
-    files: dict[str, dict[str, Any]],
-    while_writing: Callable[[Part], None] | None,
+    checksummed: Callable[[], None],
 ) -> list[int]:
     """Write the data files of tensors whose bytes are in host memory already: the
     I/O threads write them while this thread checksums them (zlib releases the GIL)
-    and builds the manifest, so that work hides behind the disk's."""
+    and, once done (``checksummed()``), builds the manifest, so that work hides behind
+    the disk's."""
     for t in tensors:
         t.data = _host_bytes(t)
     join = run_in_background(lambda job: _write_data_file(storage, *job), jobs)
     try:
         for t in tensors:
             t.crc32 = checksum(t.data)
-        if while_writing is not None:
-            while_writing(Part(files, _array_entries(tensors)))
+        checksummed()
     except BaseException:
         with contextlib.suppress(BaseException):  # the writers must stop first
             join()

@@ -1,0 +1,85 @@
+"""Encoding a train state again at the next save: the structure is usually the same.
+
+``_tree.encode_tree`` walks the whole state in Python, about 12 us a leaf. A training
+run saves the same structure every time with new arrays in it, so :class:`TreeCache`
+keeps the encoded structure of the last save and, when jax's own (C++) flattening gives
+an equal treedef, only puts the new arrays into the kept leaf names and paths. Anything
+that could make the encoding differ (a leaf of another type or dtype, a Python scalar,
+string or function leaf with another value) falls back to the full encoding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.tree_util as jtu
+import numpy as np
+
+from ._tree import ArrayLeaf, Node, encode_tree
+
+
+class TreeCache:
+    """The last encoded structure of one Checkpointer's saves."""
+
+    def __init__(self) -> None:
+        self._treedef: Any = None
+        self._node: Node = None
+        # One per array leaf: its position among jax's flat leaves, its tensor name and
+        # path, and the type and dtype of its value (never the value itself).
+        self._arrays: list[tuple[int, ArrayLeaf, type, np.dtype]] = []
+        # Positions of the other flat leaves (scalars, strings, functions) and values.
+        self._constants: list[tuple[int, Any]] = []
+
+    def encode(self, state: Any) -> tuple[Node, list[ArrayLeaf]]:
+        """``_tree.encode_tree(state)``, reusing the last structure where it is equal."""
+        try:
+            flat, treedef = jtu.tree_flatten(state)
+        except Exception:  # what jax cannot flatten (dict keys it cannot sort): no cache
+            self._treedef = None
+            return encode_tree(state)
+        if self._treedef is not None and treedef == self._treedef:
+            leaves = self._refill(flat)
+            if leaves is not None:
+                return self._node, leaves
+        node, leaves = encode_tree(state)
+        self._remember(state, treedef, node, leaves)
+        return node, leaves
+
+    def _refill(self, flat: list[Any]) -> list[ArrayLeaf] | None:
+        """The leaves of ``flat`` under the kept names, or ``None`` if anything differs."""
+        for position, value in self._constants:
+            now = flat[position]
+            if now is not value and (type(now) is not type(value) or now != value):
+                return None
+        leaves = []
+        for position, kept, kind, dtype in self._arrays:
+            x = flat[position]
+            # An equal dtype also means the same PRNG implementation for a key array.
+            if type(x) is not kind or x.dtype != dtype:
+                return None
+            if kept.kind == "key":
+                x = jax.random.key_data(x)
+            leaves.append(ArrayLeaf(kept.name, kept.keypath, x, kept.kind, kept.impl))
+        return leaves
+
+    def _remember(self, state: Any, treedef: Any, node: Node, leaves: list[ArrayLeaf]) -> None:
+        self._treedef = None
+        pairs = jtu.tree_flatten_with_path(state)[0]
+        where = {tuple(path): i for i, (path, _) in enumerate(pairs)}
+        flat = [value for _, value in pairs]
+        arrays = []
+        for leaf in leaves:
+            position = where.pop(tuple(leaf.keypath), None)
+            if position is None:
+                return  # paths that do not match jax's: never cached
+            value = flat[position]
+            kept = ArrayLeaf(leaf.name, leaf.keypath, None, leaf.kind, leaf.impl)
+            arrays.append((position, kept, type(value), value.dtype))
+        constants = []
+        for position in where.values():
+            value = flat[position]
+            if isinstance(value, (np.ndarray, jax.Array, list, dict)):
+                return
+            constants.append((position, value))
+        self._treedef, self._node, self._arrays, self._constants = treedef, node, arrays, constants
