@@ -812,3 +812,97 @@ def test_a_process_forked_while_a_save_pauses_the_gc_has_it_enabled():
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert gc.isenabled()
+
+
+# --- a child forked while a save is in flight ---------------------------------------
+
+# The parent starts a save of ~256 MB (long enough that it is still being written when
+# the child starts), forks, and gives the child CHILD_DEADLINE_S to end; then it closes
+# its own Checkpointer. The child ends as a data-loader worker or a user's fork would.
+FORK_SCRIPT = """
+import multiprocessing
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+from learnax.checkpoint import Checkpointer
+
+registry, child_ends, deadline_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
+
+
+def child(ckpt):
+    # The parent's save is not the child's: the child neither waits for it nor runs it.
+    if child_ends == "waits-closes-and-exits":
+        ckpt.wait_until_finished()
+        ckpt.close()
+    # "exits": the interpreter exit flushes the saves in flight of this process.
+
+
+ckpt = Checkpointer(registry, "run", async_save=True)
+state = {"w": np.arange(1 << 26, dtype=np.uint32).reshape(8192, 8192)}
+ckpt.save_checkpoint(state, step=1)
+print("in flight at fork:", not ckpt._background._in_flight.done(), flush=True)
+if child_ends == "multiprocessing-fork":
+    worker = multiprocessing.get_context("fork").Process(
+        target=lambda: (ckpt.wait_until_finished(), ckpt.close())
+    )
+    worker.start()
+    worker.join(deadline_s)
+    hung = worker.is_alive()
+    if hung:
+        worker.kill()
+else:
+    pid = os.fork()
+    if pid == 0:
+        child(ckpt)
+        sys.exit(0)
+    end = time.monotonic() + deadline_s
+    while os.waitpid(pid, os.WNOHANG) == (0, 0) and time.monotonic() < end:
+        time.sleep(0.05)
+    hung = time.monotonic() >= end
+    if hung:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+print("child hung:", hung, flush=True)
+ckpt.close()
+"""
+CHILD_DEADLINE_S = 20
+
+
+@pytest.mark.parametrize("child_ends", ["exits", "waits-closes-and-exits", "multiprocessing-fork"])
+def test_a_child_forked_while_a_save_is_in_flight_ends_and_the_parents_save_commits(
+    registry, child_ends
+):
+    """A process forked during an async save (a data-loader worker, a user's fork) has
+    none of the parent's threads: it must not wait for the parent's save, at exit nor in
+    its copy of the Checkpointer, and the parent's save still commits."""
+    src = str(Path(learnax.__file__).resolve().parents[1])
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "ignore",
+            "-c",
+            FORK_SCRIPT,
+            registry,
+            child_ends,
+            str(CHILD_DEADLINE_S),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,  # a hang guard, not a measurement
+    )
+    assert done.returncode == 0, done.stderr
+    assert "in flight at fork: True" in done.stdout, done.stdout + done.stderr
+    assert "child hung: False" in done.stdout, done.stdout + done.stderr
+
+    loaded = Checkpointer(registry, "run").load_latest()
+    assert loaded["step"] == 1
+    expected = np.arange(1 << 26, dtype=np.uint32).reshape(8192, 8192)
+    np.testing.assert_array_equal(loaded["state"]["w"], expected)

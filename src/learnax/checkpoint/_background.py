@@ -1,12 +1,15 @@
 """Background saves: the state is snapshotted so that the caller may change or delete
 its arrays at once, then written on a worker thread, at most one save in flight.
-Saves still in flight when the interpreter exits are finished first.
+Saves still in flight when the interpreter exits are finished first. A child process
+forked meanwhile has no part in them: they are its parent's, to finish and commit.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import inspect
+import os
 import weakref
 from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -127,3 +130,21 @@ def _flush_at_exit() -> None:
             saves.finish()
         except BaseException:  # already logged when it failed
             pass
+
+
+def _forget_saves_after_fork() -> None:
+    # A forked child (a data-loader worker, a user's fork) has none of the parent's
+    # threads, so a save in flight at the fork is the parent's alone: the parent
+    # finishes and commits it. The child forgets it instead of waiting at exit, or in
+    # wait_until_finished()/close() of its copy of a Checkpointer, for a worker that
+    # does not exist here (forever), and never writes it a second time. Its own later
+    # saves start a worker of its own.
+    global _PENDING_AT_EXIT
+    for saves in list(_PENDING_AT_EXIT):
+        saves._worker = None
+        saves._in_flight = None
+    _PENDING_AT_EXIT = weakref.WeakSet()
+
+
+with contextlib.suppress(AttributeError):  # no fork on Windows
+    os.register_at_fork(after_in_child=_forget_saves_after_fork)

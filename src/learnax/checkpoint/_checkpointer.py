@@ -79,9 +79,11 @@ class Checkpointer:
       forever and do not count toward ``max_to_keep``.
     - `save_on_preemption`: after a SIGTERM, the next :meth:`maybe_save_checkpoints`
       saves ``latest`` whatever the interval, waits until it is committed, and sets
-      ``reached_preemption`` so that the loop can stop. The SIGTERM handler replaces the
-      default one (which would kill the process at once). On multi-host runs all
-      processes agree on the step through JAX's preemption sync point.
+      ``reached_preemption`` so that the loop can stop. A SIGTERM no longer kills the
+      process at once; a handler the program installed before is still called, and is
+      put back by :meth:`close` of the last Checkpointer watching SIGTERM. On
+      multi-host runs all processes agree on the step through JAX's preemption sync
+      point.
     - `storage_options`: options for the fsspec filesystem of a URL ``registry_path``
       (``s3://``, ``gs://``...), e.g. ``{"client_kwargs": {"endpoint_url": ...}}``.
     - `multihost_timeout`: on multi-host runs, how many seconds a process waits for the
@@ -428,7 +430,11 @@ class Checkpointer:
         """
         self._closed = True
         self._best.pending = None
-        self._background.close()
+        try:
+            self._background.close()
+        finally:  # the last Checkpointer watching SIGTERM puts the program's handler back
+            if self._preemption is not None:
+                self._preemption.close()
 
     def __enter__(self) -> Checkpointer:
         return self
