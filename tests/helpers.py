@@ -91,9 +91,13 @@ def checkpoint_files(checkpoint_path: str | os.PathLike) -> list[Path]:
 
 
 def flip_byte(path: Path, offset: int) -> None:
-    """XOR one byte of a file with 0x01 (offset may be negative: from the end)."""
+    """XOR one byte of a file with 0x01 (offset may be negative: from the end). The file
+    may be a hard link shared with other checkpoints of the same data (unchanged data
+    is not written twice): the damaged file replaces it, so only this one is damaged
+    (tests/test_unchanged_data.py damages a shared file in place)."""
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x01
+    path.unlink()
     path.write_bytes(bytes(data))
 
 

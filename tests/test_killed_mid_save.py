@@ -550,6 +550,7 @@ def test_a_damaged_checkpoint_fails_the_check(helper, tmp_path):
     data = next(best.glob("*.safetensors"))
     raw = bytearray(data.read_bytes())
     raw[-1] ^= 0x10
+    data.unlink()  # a file of its own: latest saved at the same step may share this one
     data.write_bytes(bytes(raw))
     history = RunHistory()
     history.highest_begun = 10**6

@@ -294,6 +294,14 @@ class RunDirectory:
         names = [entry for entry in self.scan()[0] if self.is_committed(entry)]
         return sorted(names, key=lambda entry: _reading_order(checkpoint_key(entry)))
 
+    def copies_of(self, file: str) -> list[str]:
+        """The paths a data file named ``file`` would have in each committed checkpoint
+        (whether it is there or not: the caller tries them)."""
+        try:
+            return [self.storage.join(self.join(name), file) for name in self.names()]
+        except OSError:
+            return []
+
     def numbered_steps(self) -> list[int]:
         """The steps of the committed numbered checkpoints, ascending."""
         steps = (numbered_step(name[len(PREFIX) :]) for name in self.names())

@@ -94,7 +94,17 @@ class Saver:
             self._on_best(write.best_value)
         if write.retention and (self.coord is None or self.coord.leader):
             self._retain()
+            if self._reuse is not None and not self._still_there(write.name):
+                # Retention removed the checkpoint just saved (a resumed run saving a
+                # step below the kept ones): nothing can be taken from it.
+                self._reuse.forget()
         return directory
+
+    def _still_there(self, name: str) -> bool:
+        try:
+            return self.run.is_committed(name)
+        except OSError:
+            return False
 
     def _log_failure(self, directory: str, step: int, error: OSError) -> None:
         if error.errno in NOT_WRITABLE_ERRNOS:
@@ -156,6 +166,7 @@ class Saver:
                 extra=write.extra,
                 taken=taken,
                 apart=apart,
+                elsewhere=self.run.copies_of,
             )
         self._reuse.committed(directory, part, plan)
         self._clean_once(directory)

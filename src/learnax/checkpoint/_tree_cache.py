@@ -33,17 +33,17 @@ class TreeCache:
 
     def encode(self, state: Any) -> tuple[Node, list[ArrayLeaf]]:
         """``_tree.encode_tree(state)``, reusing the last structure where it is equal."""
-        try:
-            flat, treedef = jtu.tree_flatten(state)
-        except Exception:  # what jax cannot flatten (dict keys it cannot sort): no cache
-            self._treedef = None
-            return encode_tree(state)
-        if self._treedef is not None and treedef == self._treedef:
-            leaves = self._refill(flat)
-            if leaves is not None:
-                return self._node, leaves
+        if self._treedef is not None:  # (jax flattens only what encoded well before)
+            try:
+                flat, treedef = jtu.tree_flatten(state)
+            except Exception:  # what jax cannot flatten (dict keys it cannot sort)
+                flat, treedef = None, None
+            if flat is not None and treedef == self._treedef:
+                leaves = self._refill(flat)
+                if leaves is not None:
+                    return self._node, leaves
         node, leaves = encode_tree(state)
-        self._remember(state, treedef, node, leaves)
+        self._remember(state, node, leaves)
         return node, leaves
 
     def _refill(self, flat: list[Any]) -> list[ArrayLeaf] | None:
@@ -63,9 +63,12 @@ class TreeCache:
             leaves.append(ArrayLeaf(kept.name, kept.keypath, x, kept.kind, kept.impl))
         return leaves
 
-    def _remember(self, state: Any, treedef: Any, node: Node, leaves: list[ArrayLeaf]) -> None:
+    def _remember(self, state: Any, node: Node, leaves: list[ArrayLeaf]) -> None:
         self._treedef = None
-        pairs = jtu.tree_flatten_with_path(state)[0]
+        try:
+            pairs, treedef = jtu.tree_flatten_with_path(state)
+        except Exception:
+            return
         where = {tuple(path): i for i, (path, _) in enumerate(pairs)}
         flat = [value for _, value in pairs]
         arrays = []

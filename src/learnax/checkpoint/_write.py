@@ -104,6 +104,7 @@ def write_checkpoint(
     extra: dict[str, Any] | None = None,
     taken: list[TakenFile] = (),  # type: ignore[assignment]
     apart: set[str] = frozenset(),  # type: ignore[assignment]
+    elsewhere: Callable[[str], list[str]] = lambda name: [],
 ) -> Part:
     """Write and commit one checkpoint in ``directory`` (created if missing); returns
     the description of its data files.
@@ -111,8 +112,10 @@ def write_checkpoint(
     The arrays go to one or more data files written in parallel (one per I/O thread
     for large states), each leaf streamed from its own buffer: no copy of the whole
     state is made. The leaves that ``taken`` files of earlier checkpoints hold are not
-    written: those files are linked or copied into ``directory`` (where that fails,
-    their leaves are written after all); the leaves named in ``apart`` go to data
+    written: those files are linked or copied into ``directory`` (where that fails, from
+    the other paths ``elsewhere(name)`` gives, else their leaves are written after
+    all, which an async save may no longer be able to do); the leaves named in
+    ``apart`` go to data
     files of their own, so that a later save can take those files whole. Returns once
     the checkpoint is durable and visible. Raises ``OSError`` on any I/O failure:
     before the commit, what was committed there before is untouched; after it
@@ -136,23 +139,26 @@ def write_checkpoint(
     try:
         storage.makedirs(directory)
         for f in taken:
-            try:
-                if storage.take(f.source, storage.join(directory, f.name)):
-                    created.append(f.name)
-            except OSError as e:  # gone meanwhile (a checkpoint deleted by hand): write
-                logger.info("Could not take %s (%s); writing its arrays instead", f.source, e)
+            made = _take(storage, f, directory, elsewhere)
+            if made is None:
                 continue
+            if made:
+                created.append(f.name)
             held[f.name] = f.entry
             arrays.update(f.arrays)
         to_write = [_whole(leaf) for leaf in leaves if leaf.name not in arrays]
-        part = write_part(
-            storage,
-            directory,
-            to_write,
-            secrets.token_hex(8),
-            build_manifest,
-            apart=[t for t in to_write if t.leaf.name in apart],
-        )
+        if to_write or not held:
+            part = write_part(
+                storage,
+                directory,
+                to_write,
+                secrets.token_hex(8),
+                build_manifest,
+                apart=[t for t in to_write if t.leaf.name in apart],
+            )
+        else:  # every array is in taken files: no data file of its own
+            part = Part({}, {})
+            build_manifest(part)
     except BaseException:
         remove_files(storage, directory, created)
         with contextlib.suppress(OSError):
@@ -167,6 +173,26 @@ def write_checkpoint(
                 storage.remove_empty_dir(directory)
         raise
     return Part({**held, **part.files}, {**arrays, **part.arrays})
+
+
+def _take(
+    storage: Storage, f: TakenFile, directory: str, elsewhere: Callable[[str], list[str]]
+) -> bool | None:
+    """Take ``f`` into ``directory``: whether that created the file there, or ``None``
+    when no copy of it could be taken (its source deleted meanwhile, by hand or by a
+    retention that kept later steps)."""
+    path = storage.join(directory, f.name)
+    try:
+        return storage.take(f.source, path)
+    except OSError as e:
+        error = e
+    # Data file names are unique to one save's bytes: any committed copy will do.
+    for source in elsewhere(f.name):
+        if source != f.source:
+            with contextlib.suppress(OSError):
+                return storage.take(source, path)
+    logger.info("Could not take %s (%s); writing its arrays instead", f.source, error)
+    return None
 
 
 def writable_checkpoint_dir(storage: Storage, directory: str) -> bool:

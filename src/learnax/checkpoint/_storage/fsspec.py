@@ -229,8 +229,8 @@ class FsspecStorage:
 
     @_as_oserror
     def take(self, source: str, path: str) -> bool:
-        if source.rstrip("/") == path.rstrip("/"):
-            return False
+        if source.rstrip("/") == path.rstrip("/") or self.kind(path) is not None:
+            return False  # a file of that name holds those bytes (see Storage.take)
         self.fs.copy(source, path)  # server-side on object stores (S3 CopyObject)
         return True
 
