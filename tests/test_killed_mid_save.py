@@ -157,6 +157,16 @@ HELPER = (
             return size
 
         storage.write_durable = traced_write
+        take = storage.take
+
+        def traced_take(self, source, path):
+            # Numbered and best saved at latest's step take its data files (links).
+            event("take", path)
+            made = take(self, source, path)
+            event("taken", path)
+            return made
+
+        storage.take = traced_take
         traced("fsync_dir", "fsync_dir")
         traced("remove", "remove", "removed")
         traced("rmtree", "rmtree", "rmtree_done")
@@ -493,8 +503,10 @@ KILL_POINTS = {
     "latest: data files written, directory not fsynced": ("fsync_dir", r"^state_latest$", (1, 1)),
     "latest: renamed, directory not fsynced": ("fsync_dir", r"^state_latest$", (2, 2)),
     "latest: removing the previous data file": ("remove", r"^state_latest/data-", (1, 1)),
-    "numbered: directory created, nothing written": ("write", r"^state_\d+/data-", (1, 1)),
-    "numbered: mid data write": ("chunk", r"^state_\d+/data-", (1, 6)),
+    # Numbered and best are due at steps where latest is too: they take latest's data
+    # files (hard links) instead of writing them.
+    "numbered: directory created, nothing taken": ("take", r"^state_\d+/data-", (1, 1)),
+    "numbered: data file taken, manifest not yet": ("taken", r"^state_\d+/data-", (1, 1)),
     "numbered: before the manifest rename": ("replace", r"^state_\d+/manifest\.json$", (1, 1)),
     "retention: before removing the old manifest": (
         "remove",
@@ -508,7 +520,7 @@ KILL_POINTS = {
     ),
     "retention: rmtree unlinking the data": ("unlink", r"data-", (1, 1)),
     "retention: rmtree emptied the directory": ("rmdir", r"", (1, 1)),
-    "best: mid data write": ("chunk", r"^state_best/data-", (1, 6)),
+    "best: data file taken, manifest not yet": ("taken", r"^state_best/data-", (1, 1)),
     "best: before the manifest rename": ("replace", r"^state_best/manifest\.json$", (1, 1)),
     "best: renamed, directory not fsynced": ("fsync_dir", r"^state_best$", (2, 2)),
     "best: removing the previous data file": ("remove", r"^state_best/data-", (1, 1)),
