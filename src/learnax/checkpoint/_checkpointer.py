@@ -532,10 +532,10 @@ class Checkpointer:
         """The newest checkpoint that verifies, damaged ones skipped with a warning; and
         whether one listed had vanished by the time it was read."""
         vanished = False
-        for name in self._run.newest_first():
+        for name, manifest in self._run.newest_first():
             directory = self._run.join(name)
             try:
-                loaded = self._read(directory, target)
+                loaded = self._read(directory, target, manifest)
             except CheckpointCorruptedError as e:
                 message = f"Skipping damaged checkpoint {directory}: {e}"
                 logger.warning(message)
@@ -572,9 +572,11 @@ class Checkpointer:
             return None
         return self._read(path, target)
 
-    def _read(self, directory: str, target: Any) -> LoadedCheckpoint | None:
+    def _read(
+        self, directory: str, target: Any, manifest: dict[str, Any] | None = None
+    ) -> LoadedCheckpoint | None:
         try:
-            return read_checkpoint(self._storage, directory, target)
+            return read_checkpoint(self._storage, directory, target, manifest)
         except FileNotFoundError:
             return None
 

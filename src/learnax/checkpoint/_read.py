@@ -49,17 +49,25 @@ class LoadedCheckpoint(TypedDict):
 
 
 @gc_paused()
-def read_checkpoint(storage: Storage, directory: str, target: Any = None) -> LoadedCheckpoint:
+def read_checkpoint(
+    storage: Storage,
+    directory: str,
+    target: Any = None,
+    manifest: dict[str, Any] | None = None,
+) -> LoadedCheckpoint:
     """The committed checkpoint in ``directory``, verified.
 
     Without ``target`` the state comes back as saved (numpy arrays, typed PRNG keys,
     the containers of the saved tree); with one, shaped like it (see ``_target``). A
-    save replacing the checkpoint meanwhile is handled by :func:`read_consistent`.
+    save replacing the checkpoint meanwhile is handled by :func:`read_consistent`;
+    ``manifest``, the verified manifest read a moment before, spares reading it again.
     Raises ``FileNotFoundError`` when no checkpoint is committed there,
     ``CheckpointCorruptedError`` when it fails verification and ``ValueError`` when it
     does not fit ``target``.
     """
-    return read_consistent(storage, directory, lambda reader: _read_state(reader, target))
+    return read_consistent(
+        storage, directory, lambda reader: _read_state(reader, target), manifest=manifest
+    )
 
 
 def _read_state(reader: CheckpointReader, target: Any) -> LoadedCheckpoint:
@@ -94,6 +102,7 @@ def read_consistent(
     work: Callable[[CheckpointReader], T],
     *,
     keys_as_data: bool = False,
+    manifest: dict[str, Any] | None = None,
 ) -> T:
     """``work(reader)`` on the committed checkpoint in ``directory``, with a reader whose
     data files are all open already.
@@ -108,11 +117,15 @@ def read_consistent(
     has changed, and it starts again on the new one. A file missing under a manifest
     that did not change is damage.
 
+    A ``manifest`` given (verified, read a moment before) is the first attempt's: a
+    data file gone since means it was replaced, as above.
+
     Raises ``FileNotFoundError`` when there is no manifest (also when the checkpoint was
     deleted meanwhile) and ``CheckpointCorruptedError`` when it fails verification.
     """
     for _ in range(_ATTEMPTS):
-        manifest = read_manifest(storage, directory)
+        if manifest is None:
+            manifest = read_manifest(storage, directory)
         reader = CheckpointReader(storage, directory, manifest, keys_as_data=keys_as_data)
         try:
             reader.open_files()
@@ -120,6 +133,7 @@ def read_consistent(
         except CheckpointCorruptedError:
             if not _replaced(storage, directory, manifest):
                 raise
+            manifest = None
         finally:
             reader.close()
     raise CheckpointCorruptedError(

@@ -316,20 +316,23 @@ class RunDirectory:
             found[key if numbered_step(key) is None else STEP_KEY + key] = self.join(name)
         return found
 
-    def newest_first(self) -> list[str]:
+    def newest_first(self) -> list[tuple[str, dict[str, Any] | None]]:
         """``state_latest`` and the numbered checkpoints, by step, newest first; on equal
         steps ``state_latest`` first. A latest whose manifest cannot be read comes first,
-        so that loading it reports the damage."""
-        candidates = [(float(s), 0, checkpoint_name(s)) for s in self.numbered_steps()]
+        so that loading it reports the damage. Each comes with its manifest where it was
+        read already (latest's, read for its step), so a load need not read it again."""
+        candidates = [(float(s), 0, checkpoint_name(s), None) for s in self.numbered_steps()]
         latest = checkpoint_name(LATEST)
         if self.is_committed(latest):
             try:
-                candidates.append((float(self.read_manifest(latest)["step"]), 1, latest))
+                manifest = self.read_manifest(latest)
+                candidates.append((float(manifest["step"]), 1, latest, manifest))
             except CheckpointCorruptedError:
-                candidates.append((math.inf, 1, latest))
+                candidates.append((math.inf, 1, latest, None))
             except FileNotFoundError:
                 pass  # deleted since it was listed: not a candidate
-        return [name for *_, name in sorted(candidates, reverse=True)]
+        candidates.sort(key=lambda c: c[:2], reverse=True)
+        return [(name, manifest) for *_, name, manifest in candidates]
 
     def find_step(self, step: int) -> str | None:
         """The path of the committed checkpoint of ``step``: the numbered one, else
