@@ -1,12 +1,13 @@
 """The ``learnax`` command: look at, check, compare, convert and prune checkpoints.
 
 It prints what the public functions of :mod:`learnax.checkpoint` return and imports
-nothing else of the package, so a script can do all it does.
+nothing else of the package (but its printing helpers), so a script can do all it
+does. It starts without jax: the commands that read manifests only (``ls``, ``show``,
+``prune``, ``--help``) never import it.
 
 Every command takes local paths or fsspec URLs (``--storage-options`` passes the
-filesystem's options as JSON). Failures print one line, ``learnax: error: ...``, and
-exit with status 2 for a bad argument or a missing path, 1 for a damaged checkpoint;
-``verify`` and ``diff`` exit 1 when something is damaged or differs.
+filesystem's options as JSON). Failures print one line, ``learnax: error: ...``. Exit
+statuses mean one thing each (see ``EXIT_*`` below and docs/cli.md).
 """
 
 from __future__ import annotations
@@ -14,24 +15,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from learnax import _cli_output as out
 from learnax.checkpoint import (
     CheckpointCorruptedError,
     CheckpointError,
     CheckpointInfo,
+    CheckpointSaveError,
     CheckpointSummary,
     LeafInfo,
     LegacyPickleError,
     Location,
     RunSummary,
     checkpoint_path,
-    convert,
     diff,
     find_checkpoints,
     find_legacy_pickles,
@@ -44,6 +44,13 @@ from learnax.checkpoint import (
     verify,
 )
 
+EXIT_OK = 0
+EXIT_DIFFERS_OR_DAMAGED = 1  # diff: the checkpoints differ; any command: one is damaged
+EXIT_USAGE = 2  # a bad argument, a path that does not exist, a missing extra
+EXIT_IO = 3  # reading or writing failed: permissions, disk, network, credentials
+EXIT_BROKEN_PIPE = 141  # stdout closed early (`| head`): 128 + SIGPIPE, as the shell's
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT
+
 
 class UsageError(Exception):
     """A bad argument or a path that does not exist: exit status 2."""
@@ -54,24 +61,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if "JAX_PLATFORMS" not in os.environ:
         # Reading checkpoints needs no accelerator: never grab a training node's GPU.
-        import jax
-
-        jax.config.update("jax_platforms", "cpu")
+        # jax reads the variable when (and if) a command imports it.
+        if "jax" in sys.modules:
+            sys.modules["jax"].config.update("jax_platforms", "cpu")
+        else:
+            os.environ["JAX_PLATFORMS"] = "cpu"
     # The library's warnings (a pickle unpickled, a damaged checkpoint skipped), as one
     # line each on stderr.
     logging.basicConfig(format="learnax: %(levelname)s: %(message)s", level=logging.WARNING)
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return status
+    except BrokenPipeError:
+        return _stdout_closed()
     except UsageError as e:
-        return _fail(str(e), 2)
+        return _fail(str(e), EXIT_USAGE)
     except CheckpointCorruptedError as e:
-        return _fail(str(e), 1)
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError, TypeError, ImportError) as e:
-        return _fail(str(e.args[0]) if isinstance(e, KeyError) else str(e), 2)
-    except (CheckpointError, OSError) as e:
-        return _fail(str(e), 1)
+        return _fail(str(e), EXIT_DIFFERS_OR_DAMAGED)
+    except KeyError as e:
+        return _fail(str(e.args[0]), EXIT_USAGE)
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError, ImportError) as e:
+        return _fail(str(e), EXIT_USAGE)
+    except (OSError, CheckpointSaveError) as e:
+        return _fail(str(e), EXIT_IO)
+    except CheckpointError as e:
+        return _fail(str(e), EXIT_DIFFERS_OR_DAMAGED)
     except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+        return _fail("interrupted", EXIT_INTERRUPTED)
+
+
+def _stdout_closed() -> int:
+    """The reader of our output went away (``learnax ls --json | head -2``): stop
+    quietly, as a command killed by SIGPIPE does. Python would report the unflushed
+    rest of stdout at exit, so stdout now points at /dev/null."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 def _fail(message: str, status: int) -> int:
@@ -79,10 +106,33 @@ def _fail(message: str, status: int) -> int:
     return status
 
 
+def _version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("learnax")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        import learnax
+
+        return getattr(learnax, "__version__", "unknown")
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, found only when asked for (importlib.metadata takes a moment)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(f"learnax {_version()}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="learnax", description="Look at, check, compare, convert and prune checkpoints."
     )
+    parser.add_argument("--version", action=_VersionAction)
     _add_storage_options(parser, default=None)
     # Also accepted after the command (then it wins): `learnax ls URL --storage-options ...`.
     common = argparse.ArgumentParser(add_help=False)
@@ -115,6 +165,7 @@ def _add_show(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
 def _add_verify(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
     verify = add_parser("verify", help="check every checksum; exit 1 if damaged")
     verify.add_argument("path", help="a checkpoint, a run or a registry")
+    verify.add_argument("--json", action="store_true", help="print JSON")
     verify.set_defaults(run=cmd_verify)
 
 
@@ -145,6 +196,7 @@ def _add_convert(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
     )
     conv.add_argument("--step", type=_non_negative, help="the step, when the source has none")
     conv.add_argument("--only", metavar="SUBTREE", help='keep a subtree, e.g. "params"')
+    conv.add_argument("--json", action="store_true", help="print JSON")
     conv.set_defaults(run=cmd_convert)
 
 
@@ -159,18 +211,24 @@ def _add_prune(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
         help="also keep every step that is a multiple of this",
     )
     prune.add_argument("--dry-run", action="store_true", help="only print what would go")
+    prune.add_argument("--json", action="store_true", help="print JSON")
     prune.set_defaults(run=cmd_prune)
 
 
 def _add_plot(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
-    plot = add_parser("plot", help="a metric of every checkpoint against its step")
+    plot = add_parser(
+        "plot", help="a metric of every checkpoint against its step, as a PNG or as JSON"
+    )
     plot.add_argument("path", help="a run (<registry>/<run_id>)")
     plot.add_argument("--metric", required=True, help='e.g. "val/loss"')
-    plot.add_argument("-o", "--output", required=True, help="the PNG file to write")
+    plot.add_argument("-o", "--output", help="the PNG file to write")
     plot.add_argument(
         "--maximize",
         action="store_true",
         help="higher is better (default: what state_best says, else lower)",
+    )
+    plot.add_argument(
+        "--json", action="store_true", help="print the series as JSON (no matplotlib needed)"
     )
     plot.set_defaults(run=cmd_plot)
 
@@ -230,10 +288,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
         cells = [
             [
                 r["name"],
-                _or_dash(r["step"]),
-                _when(r["time"]),
-                _size(r["bytes"]),
-                _metrics(r["metrics"]),
+                out.or_dash(r["step"]),
+                out.when(r["time"]),
+                out.size(r["bytes"]),
+                out.metrics(r["metrics"]),
                 r["status"],
             ]
             for r in rows
@@ -246,10 +304,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
         [
             r["run"],
             str(r["checkpoints"]),
-            _or_dash(r["newest_step"]),
-            "-" if r["best"] is None else f"{r['best']['metric']}={_number(r['best']['value'])}",
-            _size(r["bytes"]),
-            _when(r["last_write"]),
+            out.or_dash(r["newest_step"]),
+            "-" if r["best"] is None else f"{r['best']['metric']}={out.number(r['best']['value'])}",
+            out.size(r["bytes"]),
+            out.when(r["last_write"]),
         ]
         for r in rows
     ]
@@ -267,14 +325,14 @@ def _listing(
     """Print a listing as JSON (``--json``) or as a table and its ``note``, saying so
     when it is empty."""
     if args.json:
-        _print_json(as_json)
-        return 0
-    _print_table(headers, cells)
+        out.print_json(as_json)
+        return EXIT_OK
+    out.print_table(headers, cells)
     if not cells and note is None:
         print(f"(no {what} in {as_json['path']})")
     if note is not None:
         print(("" if cells else f"(no learnax checkpoints in {as_json['path']}) ") + note)
-    return 0
+    return EXIT_OK
 
 
 def _pickles_note(pickles: list[str]) -> str | None:
@@ -330,33 +388,33 @@ def cmd_show(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         raise UsageError(f"No committed checkpoint at {path}") from None
     if args.json:
-        _print_json(_info_json(path, info))
-        return 0
+        out.print_json(_info_json(path, info))
+        return EXIT_OK
     arrays = [leaf for leaf in info.leaves if leaf.nbytes or leaf.shape]
     total = sum(leaf.nbytes for leaf in info.leaves)
     for key, value in (
         ("checkpoint", path),
         ("step", info.step),
-        ("time", _when(info.time)),
-        ("metrics", _metrics(info.metrics) or "-"),
-        ("size", f"{_size(info.nbytes)} on storage"),
+        ("time", out.when(info.time)),
+        ("metrics", out.metrics(info.metrics) or "-"),
+        ("size", f"{out.size(info.nbytes)} on storage"),
     ):
         print(f"{key:<11} {value}")
     print()
-    _print_table(
+    out.print_table(
         ["leaf", "dtype", "shape", "bytes"],
         [
             [
                 leaf.path,
                 leaf.dtype,
                 _shape(leaf),
-                _size(leaf.nbytes) if leaf.nbytes or leaf.shape else repr(leaf.value)[:40],
+                out.size(leaf.nbytes) if leaf.nbytes or leaf.shape else repr(leaf.value)[:40],
             ]
             for leaf in info.leaves
         ],
     )
-    print(f"{len(info.leaves)} leaves, {len(arrays)} arrays, {_size(total)}")
-    return 0
+    print(f"{len(info.leaves)} leaves, {len(arrays)} arrays, {out.size(total)}")
+    return EXIT_OK
 
 
 def _info_json(path: str, info: CheckpointInfo) -> dict[str, Any]:
@@ -396,50 +454,59 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 "checksums: verify checks them once converted."
             )
         raise UsageError(f"no checkpoints under {path}")
-    bar = _progress(len(checkpoints))
+    progress = out.ByteProgress()
     results: list[tuple[str, str | None]] = []
 
     def report(checkpoint: str, problem: str | None) -> None:
         results.append((checkpoint, problem))
-        line = f"ok       {checkpoint}" if problem is None else f"DAMAGED  {checkpoint}: {problem}"
-        (bar.write if bar is not None else print)(line)
-        if bar is not None:
-            bar.update(1)
+        if not args.json:
+            progress.print(
+                f"ok       {checkpoint}" if problem is None else f"DAMAGED  {checkpoint}: {problem}"
+            )
 
     try:
-        damaged = verify(path, storage_options=args.storage_options, report=report)
+        damaged = verify(
+            path,
+            storage_options=args.storage_options,
+            report=report,
+            progress=progress.callback(),
+        )
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
+    status = EXIT_DIFFERS_OR_DAMAGED if damaged else EXIT_OK
+    if args.json:
+        rows = [
+            {"path": c, "status": "ok"}
+            if problem is None
+            else {"path": c, "status": "damaged", "problem": problem}
+            for c, problem in results
+        ]
+        out.print_json(
+            {
+                "path": path,
+                "checkpoints": rows,
+                "verified": len(results),
+                "damaged": len(damaged),
+                "legacy_pickles": pickles,
+            }
+        )
+        return status
     print(f"{len(results)} checkpoint(s) verified, {len(damaged)} damaged")
     if note is not None:
         print(f"Not verified (pickles have no checksums): {note}")
-    return 1 if damaged else 0
-
-
-def _progress(total: int) -> Any:
-    """A progress bar on a terminal when tqdm is installed (extra ``learnax[cli]``)."""
-    if total < 2 or not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="ckpt", file=sys.stderr, leave=False)
+    return status
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
     for side in (args.a, args.b):
         if _open(args, side).kind != "checkpoint":
             raise UsageError(f"{side} is not a checkpoint (.../checkpoints/state_<name>)")
-    try:
-        result = diff(args.a, args.b, storage_options=args.storage_options)
-    except CheckpointCorruptedError as e:
-        return _fail(str(e), 2)  # as diff(1): 1 means "they differ", 2 "trouble"
+    # A damaged side raises CheckpointCorruptedError: exit 1 as well, with its error line.
+    result = diff(args.a, args.b, storage_options=args.storage_options)
     differ = bool(result["added"] or result["removed"] or result["changed"] or result["different"])
     if args.json:
-        _print_json({**result, "differ": differ})
-        return 1 if differ else 0
+        out.print_json({**result, "differ": differ})
+        return EXIT_DIFFERS_OR_DAMAGED if differ else EXIT_OK
     for path in result["removed"]:
         print(f"removed  {path}")
     for path in result["added"]:
@@ -448,16 +515,19 @@ def cmd_diff(args: argparse.Namespace) -> int:
         print(f"changed  {c['path']}: {c['a']} -> {c['b']}")
     for d in result["different"]:
         print(
-            f"differs  {d['path']}: max abs {_number(d['max_abs'])}, max rel {_number(d['max_rel'])}"
+            f"differs  {d['path']}: max abs {out.number(d['max_abs'])}, max rel {out.number(d['max_rel'])}"
         )
     print(
         f"{result['identical']} leaves identical"
         + ("" if differ else "; the checkpoints are identical")
     )
-    return 1 if differ else 0
+    return EXIT_DIFFERS_OR_DAMAGED if differ else EXIT_OK
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from learnax.checkpoint import convert  # imports jax: only here
+
+    progress = out.ByteProgress()
     try:
         written = convert(
             args.src,
@@ -466,11 +536,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
             step=args.step,
             only=args.only,
             storage_options=args.storage_options,
+            progress=progress.callback(),
         )
     except LegacyPickleError as e:  # the user's call: --allow-pickle
         raise UsageError(str(e).replace("allow_pickle=True", "--allow-pickle")) from None
-    print(f"wrote {written}")
-    return 0
+    finally:
+        progress.close()
+    if args.json:
+        out.print_json({"source": args.src, "written": written})
+    else:
+        print(f"wrote {written}")
+    return EXIT_OK
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -484,17 +560,53 @@ def cmd_prune(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         storage_options=args.storage_options,
     )
+    if args.json:
+        out.print_json({"path": path, "dry_run": args.dry_run, "checkpoints": victims})
+        return EXIT_OK
     for victim in victims:
         print(f"{'would delete' if args.dry_run else 'deleted'} {victim}")
     if not victims:
         print("nothing to delete")
-    return 0
+    return EXIT_OK
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
     kind, path = _open(args, args.path)
     if kind != "run":
         raise UsageError(f"{path} is not a run (<registry>/<run_id>)")
+    if not args.json and args.output is None:
+        raise UsageError("plot needs -o FILE.png, or --json for the series as JSON")
+    series = _plot_series(args, path)
+    if args.output is not None:
+        _draw(series, args.output)
+    if args.json:
+        out.print_json(series)
+    else:
+        best = series["best"]
+        print(
+            f"wrote {args.output} ({len(series['points'])} checkpoints, "
+            f"best {out.number(best['value'])} at step {best['step']})"
+        )
+    return EXIT_OK
+
+
+def _plot_series(args: argparse.Namespace, run: str) -> dict[str, Any]:
+    """What ``plot`` draws, as ``--json`` prints it: the metric's points by step and the
+    best of them, from :func:`learnax.checkpoint.metric_history` alone."""
+    history = metric_history(
+        run, args.metric, maximize=args.maximize, storage_options=args.storage_options
+    )
+    return {
+        "run": run,
+        "metric": args.metric,
+        "maximize": history.maximize,
+        "points": [{"step": step, "value": value} for step, value in history.points.items()],
+        "best": {"step": history.best_step, "value": history.best_value},
+    }
+
+
+def _draw(series: dict[str, Any], output: str) -> None:
+    """The series as a PNG: the line, and the best point as a star."""
     try:
         import matplotlib
 
@@ -502,91 +614,31 @@ def cmd_plot(args: argparse.Namespace) -> int:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError('plot needs matplotlib: pip install "learnax[plot]"') from None
-    history = metric_history(
-        path, args.metric, maximize=args.maximize, storage_options=args.storage_options
-    )
-    steps, values = list(history.points), list(history.points.values())
-    best = (history.best_step, history.best_value)
+    steps = [p["step"] for p in series["points"]]
+    values = [p["value"] for p in series["points"]]
+    best = series["best"]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(steps, values, marker="o", markersize=3, linewidth=1.5, label=args.metric)
+    ax.plot(steps, values, marker="o", markersize=3, linewidth=1.5, label=series["metric"])
     ax.scatter(
-        [best[0]],
-        [best[1]],
+        [best["step"]],
+        [best["value"]],
         s=120,
         marker="*",
         color="tab:red",
         zorder=3,
-        label=f"best: {_number(best[1])} at step {best[0]}",
+        label=f"best: {out.number(best['value'])} at step {best['step']}",
     )
     ax.set_xlabel("step")
-    ax.set_ylabel(args.metric)
-    ax.set_title(path.rstrip("/").rpartition("/")[2])
+    ax.set_ylabel(series["metric"])
+    ax.set_title(series["run"].rstrip("/").rpartition("/")[2])
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(args.output, format="png")
+    fig.savefig(output, format="png")
     plt.close(fig)
-    print(
-        f"wrote {args.output} ({len(steps)} checkpoints, best {_number(best[1])} at step {best[0]})"
-    )
-    return 0
 
 
 # --------------------------------------------------------------------------- output
-
-
-def _print_json(value: Any) -> None:
-    # Strict JSON: NaN and infinities become "NaN", "Infinity", "-Infinity".
-    print(json.dumps(_finite(value), indent=2, default=str, allow_nan=False))
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _print_table(headers: list[str], rows: list[list[str]]) -> None:
-    if not rows:
-        return
-    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
-    for row in [headers, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def _when(t: float | None) -> str:
-    """A time as local date and time; one the platform cannot convert (NaN, infinite,
-    or far outside its years, in a crafted or damaged manifest) as the number itself."""
-    if not t:
-        return "-"
-    try:
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
-    except (OverflowError, OSError, ValueError):
-        return _number(t)
-
-
-def _number(x: Any) -> str:
-    return f"{x:.6g}" if isinstance(x, float) else str(x)
-
-
-def _metrics(metrics: dict[str, Any]) -> str:
-    return "  ".join(f"{k}={_number(v)}" for k, v in metrics.items())
-
-
-def _or_dash(x: Any) -> str:
-    return "-" if x is None else str(x)
 
 
 def _shape(leaf: LeafInfo) -> str:

@@ -10,8 +10,8 @@ restored = ckpt.load_latest(target=state)
 ```
 """
 
-from ._checkpointer import Checkpointer
-from ._convert import convert
+from typing import TYPE_CHECKING, Any
+
 from ._diff import diff
 from ._errors import (
     CheckpointCorruptedError,
@@ -38,6 +38,13 @@ from ._inspect import (
 )
 from ._verify import verify
 
+if TYPE_CHECKING:
+    from ._checkpointer import Checkpointer
+    from ._convert import convert
+
+# Imported on first use: these need jax, and `learnax ls` or `show` need neither.
+_LAZY = {"Checkpointer": "._checkpointer", "convert": "._convert"}
+
 __all__ = [
     "CheckpointCorruptedError",
     "CheckpointError",
@@ -63,3 +70,17 @@ __all__ = [
     "read_info",
     "verify",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,6 +32,7 @@ from ._read import read_checkpoint
 from ._run import checkpoint_key
 from ._safetensors import read_into, read_safetensors_header
 from ._storage import Storage, open_storage
+from ._storage.counted import CountedStorage
 from ._write import write_checkpoint, write_tensors_file
 
 logger = logging.getLogger("learnax")
@@ -46,6 +48,7 @@ def convert(
     step: int | None = None,
     only: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> str:
     """Convert the checkpoint at ``src`` and write it to ``dst``.
 
@@ -67,13 +70,17 @@ def convert(
     - `step`: the step to store when the source has none (else 0).
     - `only`: a subtree to keep, as keys joined by "/" (e.g. ``"params"``).
     - `storage_options`: options for the fsspec filesystem of URLs.
+    - `progress`: called as bytes move, ``progress(stage, nbytes, total)``: `stage` is
+      ``"read"`` (the source; an Orbax checkpoint, read by orbax, is not counted) or
+      ``"write"``, `nbytes` the bytes just read or written, `total` the stage's
+      expected bytes (a guide: a stage may end a little short of it or past it).
 
     **Returns:** the path written.
 
     **Example:** `convert("old/state_1000.pyd", "runs/x/checkpoints/state_1000")`
     """
     state, found_step, metrics = load_source(
-        src, allow_pickle=allow_pickle, storage_options=storage_options
+        src, allow_pickle=allow_pickle, storage_options=storage_options, progress=progress
     )
     if only:
         state = subtree(state, only)
@@ -84,17 +91,33 @@ def convert(
             raise ValueError(f"{src}: no arrays to export{f' under {only!r}' if only else ''}")
         if storage.dirname(dst):
             storage.makedirs(storage.dirname(dst))
-        write_safetensors(storage, dst, arrays)
+        total = sum(a.nbytes for a in arrays.values())
+        write_safetensors(_counted(storage, progress, "write", total), dst, arrays)
         return dst
     final_step = found_step if found_step is not None else (step or 0)
     if isinstance(final_step, bool) or not isinstance(final_step, int) or final_step < 0:
         raise ValueError(f"{src}: step {final_step!r} is not an int >= 0; pass --step")
-    _write_learnax(storage, dst, state, final_step, metrics)
+    _write_learnax(storage, dst, state, final_step, metrics, progress)
     return dst
 
 
+def _counted(
+    storage: Storage, progress: Callable[[str, int, int], None] | None, stage: str, total: int
+) -> Storage:
+    """``storage``, reporting the bytes moved to ``progress`` as ``stage`` (if given)."""
+    if progress is None:
+        return storage
+    progress(stage, 0, total)
+    return CountedStorage(storage, lambda n: progress(stage, n, total))  # type: ignore[return-value]
+
+
 def _write_learnax(
-    storage: Storage, dst: str, state: Any, step: int, metrics: dict[str, Any]
+    storage: Storage,
+    dst: str,
+    state: Any,
+    step: int,
+    metrics: dict[str, Any],
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> None:
     """``state`` as a new learnax checkpoint at ``dst``, a directory named like one."""
     if checkpoint_key(dst.rstrip("/").rpartition("/")[2]) is None:
@@ -105,17 +128,26 @@ def _write_learnax(
     if storage.isfile(storage.join(dst, MANIFEST)):
         raise FileExistsError(f"{dst} already holds a checkpoint; remove it first")
     tree, leaves = _tree.encode_tree(state)
+    storage = _counted(storage, progress, "write", sum(leaf.value.nbytes for leaf in leaves))
     write_checkpoint(
         storage, dst, tree=tree, leaves=leaves, step=step, metrics=encode_metrics(metrics)
     )
 
 
 def load_source(
-    src: str, *, allow_pickle: bool = False, storage_options: dict[str, Any] | None = None
+    src: str,
+    *,
+    allow_pickle: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[Any, int | None, dict[str, Any]]:
     """The state, step (None when unknown) and metrics of a checkpoint in any format
-    ``convert`` reads; arrays as NumPy."""
+    ``convert`` reads; arrays as NumPy. ``progress`` as for :func:`convert`."""
     storage, src = open_storage(str(src), storage_options)
+    if progress is not None:
+        kind = storage.kind(src)
+        size = storage.size(src) if kind == "file" else storage.usage(src)[0] if kind else 0
+        storage = _counted(storage, progress, "read", size)
     if src.endswith(_legacy.SUFFIX):
         loaded = _legacy.load_legacy(storage, src, allow_pickle)
         return jax.device_get(loaded["state"]), loaded["step"], loaded["metrics"]

@@ -7,12 +7,14 @@ import contextlib
 import math
 from typing import Any
 
-import numpy as np
-
 from ._inspect import LeafInfo, leaves_of
+from ._lazy_import import LazyModule
 from ._manifest import read_manifest
 from ._read import CheckpointReader
 from ._storage import open_storage
+
+# Imported on first use (see _lazy_import): listing and showing need none of them.
+np = LazyModule("numpy", globals(), "np")
 
 
 def diff(a: str, b: str, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import _tree
+from ._dtypes import ITEMSIZES
 from ._errors import CheckpointCorruptedError
-from ._manifest import MANIFEST, check_array_entry, read_manifest
+from ._manifest import MANIFEST, checked_array_entry, read_manifest
 from ._metrics import decode_metrics
 from ._policy import retention_victims
 from ._read import CheckpointReader, read_consistent
@@ -144,13 +145,13 @@ def _leaf_info(manifest: dict[str, Any], keys: tuple, node: Any, where: str) -> 
         # A scalar: no array to read. A function was not stored: its name is shown.
         value = node[tag] if tag == "callable" else _tree.decode_tree(node, lambda name: None)
         return LeafInfo(path, tag, (), 0, value, keys)
-    dtype, _ = check_array_entry(manifest, node["array"], where)
+    dtype, _ = checked_array_entry(manifest, node["array"], where)
     entry = manifest["arrays"][node["array"]]
     shape = tuple(entry["shape"])
-    nbytes = math.prod(shape) * dtype.itemsize
+    nbytes = math.prod(shape) * ITEMSIZES[dtype]
     if entry.get("kind") == "key":  # stored as its key data: one more axis
         return LeafInfo(path, f"key<{entry['impl']}>", shape[:-1], nbytes, keys=keys)
-    return LeafInfo(path, str(dtype), shape, nbytes, keys=keys)
+    return LeafInfo(path, dtype, shape, nbytes, keys=keys)
 
 
 # --------------------------------------------------------------------------- where

@@ -20,12 +20,14 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from . import _tree
-from ._dtypes import dtype_from_name, prng_impl_name
+from ._dtypes import dtype_from_name, itemsize_of_name, prng_impl_name
 from ._errors import CheckpointCorruptedError
+from ._lazy_import import LazyModule
 from ._storage import Storage, UnsafeFileError
+
+# Imported on first use (see _lazy_import): listing and showing need none of them.
+np = LazyModule("numpy", globals(), "np")
 
 # /2: tensors over CRC_BLOCK bytes carry a checksum per block (a list), so that older
 # readers, which would take such a list for damage, refuse the format by name instead.
@@ -231,6 +233,16 @@ def check_array_entry(
     """The dtype and shards of array ``name``, checked: a known dtype, a sane shape, and
     no more bytes than its data files hold (which bounds every allocation a load makes
     by the size of the files it reads)."""
+    dtype, shards = checked_array_entry(manifest, name, where)
+    try:
+        return dtype_from_name(dtype), shards
+    except ValueError as e:  # a name this process's ml_dtypes lacks
+        raise CheckpointCorruptedError(f"{where}: array {name!r}: {e}") from None
+
+
+def checked_array_entry(manifest: dict[str, Any], name: str, where: str) -> tuple[str, list[Any]]:
+    """The dtype name and shards of array ``name``, checked as by
+    :func:`check_array_entry`, without importing NumPy (inspection needs no arrays)."""
 
     def bad(what: str) -> CheckpointCorruptedError:
         return CheckpointCorruptedError(f"{where}: array {name!r}: {what}")
@@ -238,8 +250,9 @@ def check_array_entry(
     a = manifest["arrays"].get(name)
     if not isinstance(a, dict):
         raise bad("missing or invalid entry")
+    dtype = a.get("dtype")
     try:
-        dtype = dtype_from_name(a.get("dtype"))
+        itemsize = itemsize_of_name(dtype)
     except ValueError as e:
         raise bad(str(e)) from None
     shape = a.get("shape")
@@ -248,7 +261,7 @@ def check_array_entry(
     kind = a.get("kind", "array")
     if kind not in ("array", "scalar", "key"):
         raise bad(f"unknown kind {kind!r:.100}")
-    if kind == "key" and (prng_impl_name(a.get("impl")) is None or dtype != np.uint32):
+    if kind == "key" and (prng_impl_name(a.get("impl")) is None or dtype != "uint32"):
         raise bad("invalid PRNG key")
     if kind == "scalar" and shape:
         raise bad(f"a scalar with shape {shape}")
@@ -268,9 +281,7 @@ def check_array_entry(
             raise bad("invalid shard checksum")
         if "slice" in s:
             shard_bounds(s["slice"], shape, f"{where}: array {name!r}")
-    if math.prod(shape) * dtype.itemsize > sum(
-        files[f]["bytes"] for f in {s["file"] for s in shards}
-    ):
+    if math.prod(shape) * itemsize > sum(files[f]["bytes"] for f in {s["file"] for s in shards}):
         raise bad(f"shape {shape} needs more bytes than its data files hold")
     return dtype, shards
 

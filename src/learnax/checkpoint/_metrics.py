@@ -9,11 +9,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-import numpy as np
-
 from . import _tree
 from ._errors import CheckpointCorruptedError
+from ._lazy_import import LazyModule
+
+# Imported on first use (see _lazy_import): listing and showing need none of them.
+jax = LazyModule("jax", globals())
+np = LazyModule("numpy", globals(), "np")
 
 
 def encode_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:

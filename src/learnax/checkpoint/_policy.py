@@ -10,10 +10,12 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-import numpy as np
-
+from ._lazy_import import LazyModule
 from ._metrics import python_scalar
+
+# Imported on first use (see _lazy_import): listing and showing need none of them.
+jax = LazyModule("jax", globals())
+np = LazyModule("numpy", globals(), "np")
 
 
 def is_due(step: int, every: int | None) -> bool:

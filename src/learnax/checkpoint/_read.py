@@ -16,18 +16,20 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, TypedDict, TypeVar
 
-import jax
-import numpy as np
-
 from . import _tree
 from ._dtypes import prng_impl_name, safetensors_layout
 from ._errors import CheckpointCorruptedError
+from ._lazy_import import LazyModule
 from ._manifest import CRC_BLOCK, MANIFEST, check_array_entry, read_manifest, shard_bounds
 from ._metrics import decode_metrics
 from ._safetensors import read_into, read_safetensors_header
 from ._storage import ReadFile, Storage, UnsafeFileError
 from ._target import restore_into_target
 from ._threads import gc_paused, parallel_map, split_contiguous
+
+# Imported on first use (see _lazy_import): listing and showing need none of them.
+jax = LazyModule("jax", globals())
+np = LazyModule("numpy", globals(), "np")
 
 T = TypeVar("T")
 # Each attempt of read_consistent means a save committed meanwhile, and ran past the

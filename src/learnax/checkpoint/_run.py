@@ -18,13 +18,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from . import _tree
 from ._errors import CheckpointCorruptedError
+from ._lazy_import import LazyModule
 from ._manifest import MANIFEST, is_own_file, read_manifest
 from ._policy import retention_victims
 from ._storage import LOCK_NAME
+
+# Imported on first use (see _lazy_import): listing and showing need none of them.
+np = LazyModule("numpy", globals(), "np")
 
 if TYPE_CHECKING:
     from ._storage import Storage

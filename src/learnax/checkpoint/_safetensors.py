@@ -14,12 +14,14 @@ import zlib
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
-
 from ._dtypes import safetensors_layout
 from ._errors import CheckpointCorruptedError
+from ._lazy_import import LazyModule
 from ._manifest import is_count, parse_json
 from ._storage import ReadFile
+
+# Imported on first use (see _lazy_import): listing and showing need none of them.
+np = LazyModule("numpy", globals(), "np")
 
 # safetensors itself refuses headers over 100 MB; so do we, before allocating.
 MAX_HEADER = 100_000_000
@@ -50,16 +52,16 @@ def read_safetensors_header(
     starts, checked: the length within the file and MAX_HEADER, the CRC32 of length
     prefix and header when the manifest gives one (before any parsing), a JSON object
     whose tensors tile the data section."""
-    prefix = np.empty(8, np.uint8)
+    prefix = bytearray(8)  # bytes, not NumPy: `learnax ls` checks headers without it
     read_into(f, [prefix], 0, path)
-    length = int.from_bytes(prefix.tobytes(), "little")
+    length = int.from_bytes(prefix, "little")
     if length > min(size - 8, MAX_HEADER):
         raise CheckpointCorruptedError(f"{path}: header length {length} exceeds the file")
-    raw = np.empty(length, np.uint8)
+    raw = bytearray(length)
     read_into(f, [raw], 8, path)
     if header_crc32 is not None and f"{zlib.crc32(raw, zlib.crc32(prefix)):08x}" != header_crc32:
         raise CheckpointCorruptedError(f"{path}: header checksum mismatch, the file is damaged")
-    header = parse_json(raw.tobytes(), f"{path}: invalid header")
+    header = parse_json(bytes(raw), f"{path}: invalid header")
     if not isinstance(header, dict):
         raise CheckpointCorruptedError(f"{path}: header is not an object")
     check_tiling(header, size - 8 - length, path)
@@ -95,7 +97,9 @@ def check_tiling(header: dict[str, Any], data_bytes: int, path: str) -> None:
         )
 
 
-def read_into(f: ReadFile, views: list[np.ndarray], offset: int, path: str) -> None:
+def read_into(
+    f: ReadFile, views: list[np.ndarray] | list[bytearray], offset: int, path: str
+) -> None:
     """Fill ``views`` with the bytes of ``f`` from ``offset`` on; a file that ends first
     is damage (``CheckpointCorruptedError`` naming ``path``)."""
     try:

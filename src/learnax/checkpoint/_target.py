@@ -11,19 +11,28 @@ part of the saved tree (just ``params``) reads just that part.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import jax
-import jax.tree_util as jtu
-import numpy as np
-
 from . import _tree
+from ._lazy_import import LazyModule
 
-try:  # weak-typed scalars (e.g. an injected learning rate) must stay weak to resume exactly
-    from jax._src.lax.lax import _convert_element_type as _convert_weak
-except ImportError:  # pragma: no cover - private API moved
-    _convert_weak = None
+# Imported on first use (see _lazy_import): listing and showing need none of them.
+jax = LazyModule("jax", globals())
+jtu = LazyModule("jax.tree_util", globals(), "jtu")
+np = LazyModule("numpy", globals(), "np")
+
+
+@functools.cache
+def _weak_converter() -> Callable[..., Any] | None:
+    """jax's converter that keeps a weak-typed scalar (e.g. an injected learning rate)
+    weak, so that a resume is exact; ``None`` if that private API moved."""
+    try:
+        from jax._src.lax.lax import _convert_element_type
+    except ImportError:  # pragma: no cover - private API moved
+        return None
+    return _convert_element_type
 
 
 def restore_into_target(
@@ -176,8 +185,9 @@ def _host_for(value: Any, like: Any, where: str) -> Any:
         host = value
     else:
         host = _checked_array(value, tuple(like.shape), np.dtype(dtype), where)
-    if getattr(like, "weak_type", False) and _convert_weak is not None and not is_key:
-        host = _convert_weak(host, weak_type=True)
+    convert_weak = _weak_converter() if getattr(like, "weak_type", False) else None
+    if convert_weak is not None and not is_key:
+        host = convert_weak(host, weak_type=True)
     return host
 
 

@@ -21,11 +21,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import jax
-import jax.tree_util as jtu
-import numpy as np
-
 from ._dtypes import PRNG_IMPLS, is_supported_dtype, prng_impl_name
+from ._lazy_import import LazyModule
+
+# Imported on first use (see _lazy_import): listing and showing need none of them.
+jax = LazyModule("jax", globals())
+jtu = LazyModule("jax.tree_util", globals(), "jtu")
+np = LazyModule("numpy", globals(), "np")
 
 logger = logging.getLogger("learnax")
 
@@ -340,26 +342,7 @@ def _decode(node: Node, get_array: ArrayGetter, path: KeyPath) -> Any:
 
 def array_names(node: Node) -> list[str]:
     """The names of the arrays in a stored subtree, in tree order."""
-    names: list[str] = []
-    _collect_array_names(node, (), names)
-    return names
-
-
-def _collect_array_names(node: Node, path: KeyPath, names: list[str]) -> None:
-    if len(path) > MAX_DEPTH:
-        raise MalformedTreeError(f"tree nested deeper than {MAX_DEPTH} levels at {keystr(path)}")
-    if node is None:
-        return
-    tag = _tag(node, path)
-    value = node[tag]
-    if tag == "array":
-        names.append(_expect(value, str, path))
-    elif tag in ("list", "tuple", "namedtuple"):
-        for i, child in enumerate(_expect(value, list, path)):
-            _collect_array_names(child, (*path, jtu.SequenceKey(i)), names)
-    elif tag in ("dict", "node"):
-        for key, child in _pairs(value, path):
-            _collect_array_names(child, (*path, jtu.DictKey(key)), names)
+    return [n["array"] for _, n in leaf_nodes(node) if n is not None and "array" in n]
 
 
 def _tag(node: Node, path: KeyPath) -> str:

@@ -13,6 +13,7 @@ from ._inspect import checkpoints_under
 from ._manifest import MANIFEST
 from ._read import CheckpointReader, read_consistent
 from ._storage import open_storage
+from ._storage.counted import CountedStorage
 
 if TYPE_CHECKING:
     from ._storage import Storage
@@ -27,6 +28,7 @@ def verify(
     *,
     storage_options: dict[str, Any] | None = None,
     report: Callable[[str, str | None], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> list[tuple[str, str]]:
     """Read every byte of the checkpoints under ``path`` and check every checksum.
 
@@ -35,7 +37,10 @@ def verify(
     - `path`: a checkpoint, a run (``<registry>/<run_id>``) or a whole registry.
     - `storage_options`: options for the fsspec filesystem of a URL.
     - `report`: called after each checkpoint with its path and the problem found
-      (``None`` when intact), e.g. to show progress.
+      (``None`` when intact).
+    - `progress`: called as bytes are read, ``progress("verify", nbytes, total)``:
+      `nbytes` just read, `total` the size of all the checkpoints' files (a guide: the
+      count may end a little short of it or past it), e.g. for a progress bar.
 
     **Returns:** ``(checkpoint path, problem)`` for each damaged checkpoint; an empty
     list when all are intact. Raises ``FileNotFoundError`` when ``path`` holds nothing.
@@ -45,6 +50,10 @@ def verify(
     storage, path = open_storage(str(path), storage_options)
     damaged = []
     checkpoints = checkpoints_under(storage, path)
+    if progress is not None:
+        total = sum(storage.usage(checkpoint)[0] for checkpoint in checkpoints)
+        progress("verify", 0, total)
+        storage = CountedStorage(storage, lambda n: progress("verify", n, total))  # type: ignore[assignment]
     for checkpoint in checkpoints:
         problem = _verify_live(storage, checkpoint)
         if problem == "gone" or (problem == _UNCOMMITTED and checkpoint != path):
