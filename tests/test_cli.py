@@ -8,14 +8,20 @@ deletes files works on its own copy.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import pickle
+import pty
 import re
+import shlex
 import shutil
+import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -1077,3 +1083,292 @@ def test_verify_from_python_never_starts_a_jax_backend(tmp_path):
     )
     assert done.returncode == 0, describe(done)
     assert done.stdout.strip() == "False"
+
+
+# === starting without jax ==================================================================
+
+# Runs the command in this interpreter and reports which heavy modules it imported, on
+# the last line of stderr.
+IMPORT_PROBE = """
+import json, sys
+from learnax.cli import main
+try:
+    status = main(sys.argv[1:])
+except SystemExit as e:  # --help, --version
+    status = e.code
+sys.stdout.flush()
+heavy = [m for m in ("jax", "ml_dtypes", "numpy", "matplotlib", "tqdm") if m in sys.modules]
+print(json.dumps({"status": status, "imported": heavy}), file=sys.stderr)
+"""
+
+
+def imported_by(*args) -> tuple[int, set[str]]:
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE, *(str(a) for a in args)],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        stdin=subprocess.DEVNULL,
+        timeout=TIMEOUT_S,
+    )
+    report = json.loads(done.stderr.strip().splitlines()[-1])
+    return report["status"], set(report["imported"])
+
+
+@pytest.mark.parametrize(
+    "command, status, allowed",
+    [
+        (["--help"], 0, set()),
+        (["--version"], 0, set()),
+        (["ls", "{registry}"], 0, set()),
+        (["ls", "{registry}/alpha", "--json"], 0, set()),
+        (["show", "{registry}/alpha", "latest"], 0, set()),
+        (["show", "{registry}/alpha", "best", "--json"], 0, set()),
+        (["prune", "{registry}/alpha", "--keep", "1", "--dry-run"], 0, set()),
+        (["prune", "{registry}/alpha", "--keep", "1", "--dry-run", "--json"], 0, set()),
+        (["plot", "{registry}/alpha", "--metric", "val/loss", "--json"], 0, set()),
+        # Comparing and checking data needs NumPy, but float32 data no ml_dtypes or jax.
+        (["diff", "{ckpt_10}", "{ckpt_20}", "--json"], 1, {"numpy"}),
+        (["verify", "{registry}"], 0, {"numpy"}),
+    ],
+    ids=lambda c: " ".join(c) if isinstance(c, list) else None,
+)
+def test_reading_commands_start_without_jax(two_runs, command, status, allowed):
+    names = {
+        "registry": two_runs.path,
+        "ckpt_10": ckpt_path(two_runs.path, "alpha", 10),
+        "ckpt_20": ckpt_path(two_runs.path, "alpha", 20),
+    }
+    got_status, imported = imported_by(*(c.format(**names) for c in command))
+    assert got_status == status
+    assert imported <= allowed, f"{' '.join(command)} imported {sorted(imported - allowed)}"
+
+
+def test_show_of_a_bfloat16_checkpoint_needs_neither_numpy_nor_ml_dtypes(show_run):
+    status, imported = imported_by("show", ckpt_path(show_run.path, "m", SHOW_STEP), "--json")
+    assert status == 0 and imported == set()
+
+
+def test_importing_the_package_imports_no_jax_until_a_checkpointer_is_used():
+    probe = (
+        "import sys, learnax.checkpoint as c\n"
+        "before = 'jax' in sys.modules\n"
+        "c.Checkpointer\n"
+        "print(before, 'jax' in sys.modules, 'Checkpointer' in dir(c))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=cli_env(), timeout=60
+    )
+    assert done.stdout.split() == ["False", "True", "True"], describe(done)
+
+
+def test_version_names_the_installed_version():
+    from importlib.metadata import PackageNotFoundError, version
+
+    import learnax
+
+    try:
+        expected = version("learnax")
+    except PackageNotFoundError:
+        expected = learnax.__version__
+    assert run_ok("--version").stdout.strip() == f"learnax {expected}"
+
+
+# === --json of every reporting command =====================================================
+
+
+def test_verify_json_lists_every_checkpoint_ok(two_runs):
+    report = run_json("verify", two_runs.path)
+    assert len(report["checkpoints"]) == len(ALPHA_NAMES) + len(BETA_STEPS)
+    assert {c["status"] for c in report["checkpoints"]} == {"ok"}
+    assert (report["verified"], report["damaged"], report["legacy_pickles"]) == (8, 0, [])
+
+
+def test_verify_json_names_the_damaged_checkpoint_and_exits_1(two_runs_copy):
+    damage_tensor_data(ckpt_path(two_runs_copy, "alpha", 10))
+    report = run_json("verify", two_runs_copy / "alpha", returncode=1)
+    damaged = [c for c in report["checkpoints"] if c["status"] == "damaged"]
+    assert [Path(c["path"]).name for c in damaged] == ["state_10"]
+    assert "checksum" in damaged[0]["problem"]
+    assert report["damaged"] == 1
+
+
+def test_prune_json_dry_run_names_what_would_go_and_deletes_nothing(prune_run):
+    before = files_listing(prune_run)
+    report = run_json("prune", prune_run, "--keep", "2", "--dry-run")
+    assert report["dry_run"] is True
+    assert {Path(p).name for p in report["checkpoints"]} == {f"state_{s}" for s in (1, 2, 3, 4)}
+    assert files_listing(prune_run) == before
+
+
+def test_prune_json_names_what_it_deleted(prune_run):
+    report = run_json("prune", prune_run, "--keep", "5")
+    assert report["dry_run"] is False
+    assert [Path(p).name for p in report["checkpoints"]] == ["state_1"]
+    assert "state_1" not in state_dirs(prune_run)
+
+
+def test_plot_json_is_the_series_without_matplotlib(two_runs, tmp_path):
+    hidden = tmp_path / "no_matplotlib" / "matplotlib"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text('raise ModuleNotFoundError("no", name="matplotlib")\n')
+    done = run_cli(
+        "plot",
+        two_runs.path / "alpha",
+        "--metric",
+        "val/loss",
+        "--json",
+        prepend_path=[hidden.parent],
+    )
+    assert done.returncode == 0, describe(done)
+    series = json.loads(done.stdout)
+    # The checkpoints' values: numbered 0..30 and latest/best at the same steps.
+    assert series["points"] == [{"step": s, "value": ALPHA_LOSS[s]} for s in sorted(ALPHA_LOSS)]
+    assert series["best"] == {"step": 20, "value": ALPHA_LOSS[20]}
+    assert (series["metric"], series["maximize"]) == ("val/loss", False)
+
+
+def test_plot_without_output_or_json_is_a_usage_error(two_runs):
+    assert_error(run_cli("plot", two_runs.path / "alpha", "--metric", "val/loss"), 2)
+
+
+def test_convert_json_names_what_it_wrote(show_run, tmp_path):
+    out = tmp_path / "params.safetensors"
+    report = run_json("convert", ckpt_path(show_run.path, "m", SHOW_STEP), out, "--only", "params")
+    assert Path(report["written"]) == out and out.stat().st_size > 0
+
+
+# === exit statuses and pipes ===============================================================
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux's sysfs")
+def test_an_io_error_exits_3(show_run):
+    # Nobody, root included, may create a file in sysfs: a real PermissionError.
+    done = run_cli("convert", ckpt_path(show_run.path, "m", SHOW_STEP), "/sys/learnax.safetensors")
+    assert_error(done, 3)
+
+
+@pytest.fixture(scope="module")
+def many_checkpoints(tmp_path_factory) -> Path:
+    """A run of 400 checkpoints (copies of one): `ls --json` prints ~90 KB, more than a
+    pipe holds, so a reader that stops early makes the command write into a closed
+    pipe."""
+    registry = tmp_path_factory.mktemp("many") / "registry"
+    ckpt = Checkpointer(registry, "r", save_every=None, checkpoint_every=None)
+    first = Path(ckpt.save_checkpoint(beta_state(0), step=0, metrics={"loss": 0.5}))
+    for step in range(1, 400):
+        shutil.copytree(first, first.parent / f"state_{step}")
+    return registry / "r"
+
+
+def test_ls_json_into_head_stops_silently(many_checkpoints):
+    shell = f"{shlex.quote(sys.executable)} -m learnax ls --json {shlex.quote(str(many_checkpoints))} | head -c 10"
+    done = subprocess.run(
+        ["sh", "-c", shell], capture_output=True, env=cli_env(), timeout=TIMEOUT_S
+    )
+    assert done.stdout == b'{\n  "path"'
+    assert done.stderr == b"", done.stderr.decode()
+
+
+def test_a_closed_pipe_exits_141_with_nothing_on_stderr(many_checkpoints):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "learnax", "ls", "--json", str(many_checkpoints)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=cli_env(),
+    )
+    assert process.stdout.read(10) == b'{\n  "path"'
+    process.stdout.close()  # the reader goes away with ~90 KB still to come
+    stderr = process.stderr.read()
+    assert process.wait(timeout=TIMEOUT_S) == 141
+    assert stderr == b"", stderr.decode()
+
+
+def test_ctrl_c_exits_130(many_checkpoints):
+    """SIGINT while verify works through 400 checkpoints: one line, status 130."""
+    env = {**cli_env(), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "learnax", "verify", str(many_checkpoints)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
+    assert process.stdout.readline().startswith("ok ")  # verifying, 399 to go
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=TIMEOUT_S)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "learnax: error: interrupted"
+    assert "Traceback" not in stderr
+
+
+# === progress by bytes on a terminal =======================================================
+
+# tqdm's bar by bytes: "verify:  42%|████▏     | 1.00M/2.38M [00:01<00:01, 1.02MB/s]"
+BYTES_BAR = re.compile(r"\| *[\d.]+[kMG]?/[\d.]+[kMG]? \[.*B/s\]")
+
+
+def on_a_terminal(*args) -> tuple[int, str, str]:
+    """Run the command with its stderr on a pseudo-terminal; its status, stdout and all
+    that it wrote to the terminal (of 24 x 120 characters)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "learnax", *(str(a) for a in args)],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        stdin=subprocess.DEVNULL,
+        env={**cli_env(), "TQDM_MININTERVAL": "0"},
+    )
+    os.close(slave)
+    terminal = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the command closed the terminal
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    os.close(master)
+    stdout = process.stdout.read().decode()
+    process.stdout.close()
+    return process.wait(timeout=TIMEOUT_S), stdout, terminal.decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def big_run(tmp_path_factory) -> Path:
+    """Run "big": three checkpoints of 8 MiB."""
+    registry = tmp_path_factory.mktemp("big") / "registry"
+    ckpt = Checkpointer(registry, "big", save_every=None, checkpoint_every=None)
+    rng = np.random.default_rng(0)
+    for step in (1, 2, 3):
+        state = {f"w{i}": rng.standard_normal(1 << 18, dtype=np.float32) for i in range(8)}
+        assert ckpt.save_checkpoint(state, step=step) is not None
+    return registry / "big"
+
+
+def test_verify_on_a_terminal_shows_a_bar_by_bytes(big_run):
+    status, stdout, terminal = on_a_terminal("verify", big_run)
+    assert status == 0, terminal
+    assert "verify:" in terminal and BYTES_BAR.search(terminal), terminal
+    assert stdout.splitlines()[-1] == "3 checkpoint(s) verified, 0 damaged"
+
+
+def test_convert_on_a_terminal_shows_bars_by_bytes(big_run, tmp_path):
+    dst = tmp_path / "reg" / "r" / "checkpoints" / "state_3"
+    status, stdout, terminal = on_a_terminal("convert", big_run / "checkpoints/state_3", dst)
+    assert status == 0, terminal
+    assert "read:" in terminal and "write:" in terminal, terminal
+    assert BYTES_BAR.search(terminal), terminal
+    assert stdout.strip() == f"wrote {dst}"
+
+
+def test_no_terminal_no_progress(big_run, tmp_path):
+    dst = tmp_path / "reg" / "r" / "checkpoints" / "state_3"
+    for args in (("verify", big_run), ("convert", big_run / "checkpoints/state_3", dst)):
+        done = run_cli(*args)
+        assert done.returncode == 0, describe(done)
+        assert done.stderr == "", describe(done)
