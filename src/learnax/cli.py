@@ -57,19 +57,9 @@ class UsageError(Exception):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if "JAX_PLATFORMS" not in os.environ:
-        # Reading checkpoints needs no accelerator: never grab a training node's GPU.
-        # jax reads the variable when (and if) a command imports it.
-        if "jax" in sys.modules:
-            sys.modules["jax"].config.update("jax_platforms", "cpu")
-        else:
-            os.environ["JAX_PLATFORMS"] = "cpu"
-    # The library's warnings (a pickle unpickled, a damaged checkpoint skipped), as one
-    # line each on stderr.
-    logging.basicConfig(format="learnax: %(levelname)s: %(message)s", level=logging.WARNING)
     try:
+        args = _parser().parse_args(argv)  # --help, --version and usage errors exit here
+        _cpu_only_and_warnings_on_stderr()
         status = args.run(args)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
         return status
@@ -89,6 +79,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e), EXIT_DIFFERS_OR_DAMAGED)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
+
+
+def _cpu_only_and_warnings_on_stderr() -> None:
+    if "JAX_PLATFORMS" not in os.environ:
+        # Reading checkpoints needs no accelerator: never grab a training node's GPU.
+        # jax reads the variable when (and if) a command imports it.
+        if "jax" in sys.modules:
+            sys.modules["jax"].config.update("jax_platforms", "cpu")
+        else:
+            os.environ["JAX_PLATFORMS"] = "cpu"
+    # The library's warnings (a pickle unpickled, a damaged checkpoint skipped), as one
+    # line each on stderr.
+    logging.basicConfig(format="learnax: %(levelname)s: %(message)s", level=logging.WARNING)
 
 
 def _stdout_closed() -> int:
@@ -130,7 +133,10 @@ class _VersionAction(argparse.Action):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="learnax", description="Look at, check, compare, convert and prune checkpoints."
+        prog="learnax",
+        description="Look at, check, compare, convert and prune checkpoints.",
+        epilog="exit status: 0 ok, 1 damaged or (diff) different, 2 usage, 3 I/O or "
+        "credentials, 130 interrupted, 141 stdout closed early",
     )
     parser.add_argument("--version", action=_VersionAction)
     _add_storage_options(parser, default=None)
