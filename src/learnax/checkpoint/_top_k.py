@@ -26,8 +26,9 @@ logger = logging.getLogger("learnax")
 
 
 class TopK:
-    """The ranking of one run's numbered checkpoints by ``metric_name`` (lower is better
-    when ``minimize``), of which the ``k`` best are kept."""
+    """The ranking of one run's numbered checkpoints by ``metric_name``, of which the
+    ``k`` best are kept. Which way is better (``minimize``) comes with each call: it is
+    the Checkpointer's ``minimize_metric``, which a user may change."""
 
     def __init__(
         self, run: RunDirectory, coord: Coordinator | None, *, k: int, metric_name: str
