@@ -28,6 +28,7 @@ from ._run import checkpoint_name as _name
 from ._save import PlannedWrite, Saver
 from ._storage import NOT_WRITABLE_ERRNOS, Storage, open_storage
 from ._threads import gc_paused
+from ._top_k import TopK
 from ._tree_cache import TreeCache
 
 logger = logging.getLogger("learnax")
@@ -77,6 +78,12 @@ class Checkpointer:
       thread; at most one save is in flight. See :meth:`wait_until_finished`.
     - `keep_period`: numbered checkpoints whose step is a multiple of it are kept
       forever and do not count toward ``max_to_keep``.
+    - `keep_top_k`: also keep the ``keep_top_k`` numbered checkpoints with the best
+      ``metric_name`` (as stored with each; NaN or no value never ranks), and save a
+      numbered checkpoint at any step whose reported metric ranks among them, due or
+      not. With it, ``max_to_keep`` counts the newest kept besides them, and ``None``
+      keeps no others: ``keep_top_k=3`` alone keeps the 3 best (plus ``latest``, and
+      ``state_best`` with ``keep_best``). See the saving guide.
     - `save_on_preemption`: after a SIGTERM, the next :meth:`maybe_save_checkpoints`
       saves ``latest`` whatever the interval, waits until it is committed, and sets
       ``reached_preemption`` so that the loop can stop. A SIGTERM no longer kills the
@@ -122,6 +129,7 @@ class Checkpointer:
         *,
         async_save: bool = False,
         keep_period: int | None = None,
+        keep_top_k: int | None = None,
         save_on_preemption: bool = False,
         storage_options: dict[str, Any] | None = None,
         multihost_timeout: float = 600.0,
@@ -156,6 +164,8 @@ class Checkpointer:
             metric_name=metric_name,
             minimize=bool(minimize_metric),
         )
+        k = _policy.check_top_k(keep_top_k, metric_name)
+        self._top_k = TopK(self._run, self._coord, k=k, metric_name=metric_name) if k else None
         self._saver = Saver(
             self._run, self._coord, on_best=self._best.committed, retain=self._retain
         )
@@ -172,13 +182,17 @@ class Checkpointer:
     )
     metric_name = property(
         lambda self: self._best.metric_name,
-        lambda self, value: setattr(self._best, "metric_name", value),
-        doc="The key in ``metrics`` that decides the best checkpoint.",
+        lambda self, value: self._set_metric_name(value),
+        doc="The key in ``metrics`` that decides the best checkpoint (and the k best).",
     )
     minimize_metric = property(
         lambda self: self._best.minimize,
         lambda self, value: setattr(self._best, "minimize", bool(value)),
         doc="Whether a lower value of ``metric_name`` is better.",
+    )
+    keep_top_k = property(
+        lambda self: None if self._top_k is None else self._top_k.k,
+        doc="How many of the best numbered checkpoints are kept (``None``: no ranking).",
     )
     best_metric_value = property(
         lambda self: self._best.value,
@@ -186,6 +200,11 @@ class Checkpointer:
         doc="The best value of ``metric_name`` committed so far (``inf`` / ``-inf`` at "
         "first); ``OSError`` while the stored one cannot be read.",
     )
+
+    def _set_metric_name(self, value: str) -> None:
+        self._best.metric_name = value
+        if self._top_k is not None:
+            self._top_k.metric_name = value
 
     # ----------------------------------------------------------------- policy
 
@@ -256,8 +275,11 @@ class Checkpointer:
         due_latest = preempted or _policy.is_due(step, self.save_every)
         due_numbered = _policy.is_due(step, self.checkpoint_every)
         due_best = self._best.keep_best and _policy.reports_metric(metrics, self.metric_name)
-        if not (due_latest or due_numbered or due_best):
+        ranked = self._top_k is not None and _policy.reports_metric(metrics, self.metric_name)
+        if not (due_latest or due_numbered or due_best or ranked):
             return []  # the per-step fast path: nothing encoded, nothing touched
+        if self._top_k is not None:
+            due_numbered = self._numbered_due_ranked(step, metrics, due_numbered)
         encoded = encode_metrics(metrics)
         writes = []
         if due_latest:
@@ -272,6 +294,21 @@ class Checkpointer:
             if best is not None:
                 writes.append(best)
         return writes
+
+    def _numbered_due_ranked(
+        self, step: int, metrics: dict[str, Any] | None, periodic: bool
+    ) -> bool:
+        """With ``keep_top_k``: a numbered checkpoint at a periodic step that retention
+        keeps, or at a step whose metric ranks among the k best."""
+        assert self._top_k is not None
+        if periodic and (
+            _policy.keeps_newest(self.max_to_keep, self._top_k.k)
+            or _policy.is_due(step, self.keep_period)
+        ):
+            return True
+        return _policy.reports_metric(metrics, self.metric_name) and self._top_k.ranks(
+            metrics[self.metric_name], step, self.minimize_metric
+        )
 
     def _preemption_due(self, step: int) -> bool:
         assert self._preemption is not None
@@ -385,7 +422,10 @@ class Checkpointer:
             for w in writes:
                 w.exchange = self._coord.new_key(f"save/{w.name}/{step}")
         plan = self._saver.plan(leaves)
-        if not self.async_save or self._closed:
+        in_background = self.async_save and not self._closed
+        if self._top_k is not None:
+            self._top_k.saving(step, writes, in_background)
+        if not in_background:
             return self._saver.write_all(tree, leaves, step, writes, plan)
         snapshot(leaves, skip=plan.not_read)
         self._background.submit(self._saver.write_in_background, tree, leaves, step, writes, plan)
@@ -393,11 +433,15 @@ class Checkpointer:
         return {w.key: self._run.join(w.name) for w in writes}
 
     def _retain(self) -> None:
-        self._run.apply_retention(self.max_to_keep, self.keep_period)
+        top_k = self._top_k
+        ranked = None if top_k is None else lambda s: top_k.best_steps(s, self.minimize_metric)
+        self._run.apply_retention(self.max_to_keep, self.keep_period, ranked)
 
     def _finish_in_flight(self) -> None:
         """Wait for the save in flight; raise its failure (once) if it failed."""
         self._best.pending = None
+        if self._top_k is not None:
+            self._top_k.pending = {}
         self._background.finish()
 
     def wait_until_finished(self) -> None:
@@ -430,6 +474,8 @@ class Checkpointer:
         """
         self._closed = True
         self._best.pending = None
+        if self._top_k is not None:
+            self._top_k.pending = {}
         try:
             self._background.close()
         finally:  # the last Checkpointer watching SIGTERM puts the program's handler back

@@ -1,13 +1,14 @@
 """The save policy, as pure decisions without I/O: which checkpoints are due at a step,
-whether a metric value beats the best, which numbered checkpoints retention removes, and
-the checks of the arguments these decisions take. Everything here can be tested without
-a disk, and the Checkpointer, ``learnax prune`` and the tests share it.
+whether a metric value beats the best, which values rank among the k best
+(``keep_top_k``), which numbered checkpoints retention removes, and the checks of the
+arguments these decisions take. Everything here can be tested without a disk, and the
+Checkpointer, ``learnax prune`` and the tests share it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from ._lazy_import import LazyModule
@@ -41,15 +42,44 @@ def is_better(value: float, best: float, minimize: bool) -> bool:
     return value < best if minimize else value > best
 
 
+def top_k_steps(values: Mapping[int, float], k: int, minimize: bool) -> set[int]:
+    """The steps of the ``k`` best ``values`` (step -> metric value). NaN never ranks; of
+    equal values the earlier step ranks first (a later one must be strictly better)."""
+    ranked = sorted(
+        (v if minimize else -v, step) for step, v in values.items() if not math.isnan(v)
+    )
+    return {step for _, step in ranked[:k]}
+
+
+def ranks_in_top_k(
+    value: float, step: int, values: Mapping[int, float], k: int, minimize: bool
+) -> bool:
+    """Whether a checkpoint of ``value`` at ``step`` would be among the ``k`` best of
+    ``values`` (whose own entry for ``step``, if any, it replaces)."""
+    return not math.isnan(value) and step in top_k_steps({**values, step: value}, k, minimize)
+
+
+def keeps_newest(max_to_keep: int | None, keep_top_k: int | None) -> bool:
+    """Whether retention keeps the newest numbered checkpoint: always, unless only the
+    ``keep_top_k`` best are kept (``max_to_keep=None`` beside ``keep_top_k``)."""
+    return max_to_keep is not None or keep_top_k is None
+
+
 def retention_victims(
-    steps: list[int], max_to_keep: int | None, keep_period: int | None
+    steps: list[int],
+    max_to_keep: int | None,
+    keep_period: int | None,
+    top_k: Collection[int] | None = None,
 ) -> list[int]:
-    """The numbered steps that retention deletes: all but the newest ``max_to_keep``,
-    never a multiple of ``keep_period`` (those do not count toward ``max_to_keep``)."""
-    if max_to_keep is None:
+    """The numbered steps that retention deletes. Kept: the newest ``max_to_keep``
+    (``None``: all, or none when ``top_k`` is given), the steps in ``top_k`` (the k
+    best by the metric, when ranked) and the multiples of ``keep_period`` (those do not
+    count toward ``max_to_keep``)."""
+    if max_to_keep is None and top_k is None:
         return []
     counted = sorted(s for s in steps if not (keep_period and s % keep_period == 0))
-    return counted[: max(len(counted) - max_to_keep, 0)]
+    older = counted[: max(len(counted) - max_to_keep, 0)] if max_to_keep is not None else counted
+    return [s for s in older if top_k is None or s not in top_k]
 
 
 # --------------------------------------------------------------------------- checks
@@ -76,6 +106,27 @@ def check_max_to_keep(value: Any) -> int | None:
         raise ValueError(
             f"max_to_keep must be >= 1 (None or inf: keep all), got {value}; to save no "
             "numbered checkpoints, pass checkpoint_every=None"
+        )
+    return int(value)
+
+
+def check_top_k(value: Any, metric_name: Any) -> int | None:
+    """How many of the best numbered checkpoints to keep: an int >= 1 ranked by
+    ``metric_name`` (which must then name a metric), or ``None`` for no ranking."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"keep_top_k must be a positive int or None, got {value!r}")
+    if value < 1:
+        raise ValueError(
+            f"keep_top_k must be >= 1 (None: rank nothing), got {value}; to keep only "
+            "state_best, pass keep_best=True"
+        )
+    if not isinstance(metric_name, str) or not metric_name:
+        raise ValueError(
+            f"keep_top_k={value} ranks numbered checkpoints by metric_name, which is "
+            f"{metric_name!r}: pass the key of the metric in maybe_save_checkpoints' "
+            "metrics, e.g. metric_name='val/loss'"
         )
     return int(value)
 

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -394,18 +394,28 @@ class RunDirectory:
             logger.warning("The best checkpoint of this run has an unreadable metric value")
         return record
 
-    def apply_retention(self, max_to_keep: int | None, keep_period: int | None) -> None:
+    def apply_retention(
+        self,
+        max_to_keep: int | None,
+        keep_period: int | None,
+        top_k: Callable[[list[int]], set[int] | None] | None = None,
+    ) -> None:
         """Delete the numbered checkpoints beyond the newest ``max_to_keep`` (multiples of
-        ``keep_period`` kept, uncounted). Runs after a commit, so a failure here is
-        logged, never a failed save."""
-        if max_to_keep is None:
+        ``keep_period`` kept, uncounted), but none of the steps ``top_k(steps)`` ranks
+        among the best (with ``top_k``, ``max_to_keep=None`` keeps no others; a ``None``
+        ranking, which could not be read, deletes nothing). Runs after a commit, so a
+        failure here is logged, never a failed save."""
+        if max_to_keep is None and top_k is None:
             return
         try:
             steps = self.numbered_steps()
         except OSError as e:
             logger.warning("Could not list %s to apply retention: %s", self.path, e)
             return
-        for step in retention_victims(steps, max_to_keep, keep_period):
+        best = top_k(steps) if top_k is not None else None
+        if top_k is not None and best is None:
+            return
+        for step in retention_victims(steps, max_to_keep, keep_period, best):
             self.delete(checkpoint_name(step))
 
     def delete(self, name: str) -> bool:
