@@ -1372,3 +1372,30 @@ def test_no_terminal_no_progress(big_run, tmp_path):
         done = run_cli(*args)
         assert done.returncode == 0, describe(done)
         assert done.stderr == "", describe(done)
+
+
+def test_verify_progress_counts_every_byte_of_every_checkpoint(two_runs):
+    from learnax.checkpoint import find_checkpoints, verify
+
+    calls = []
+    assert verify(str(two_runs.path), progress=lambda *call: calls.append(call)) == []
+    expected = sum(all_bytes(Path(c)) for c in find_checkpoints(str(two_runs.path)))
+    assert {stage for stage, _, _ in calls} == {"verify"}
+    assert {total for _, _, total in calls} == {expected}
+    assert sum(n for _, n, _ in calls) == expected
+
+
+def test_convert_progress_counts_the_source_read_and_the_arrays_written(show_run, tmp_path):
+    from learnax.checkpoint import convert
+
+    calls = []
+    src = ckpt_path(show_run.path, "m", SHOW_STEP)
+    dst = tmp_path / "reg" / "r" / "checkpoints" / "state_1"
+    convert(str(src), str(dst), progress=lambda *call: calls.append(call))
+    read = [(n, total) for stage, n, total in calls if stage == "read"]
+    written = [(n, total) for stage, n, total in calls if stage == "write"]
+    assert sum(n for n, _ in read) == read[0][1] == all_bytes(src)
+    arrays = sum(nbytes for _, _, nbytes in SHOW_LEAVES.values())
+    assert written[0][1] == arrays
+    # The data files: the arrays and their safetensors headers.
+    assert arrays <= sum(n for n, _ in written) == data_bytes(dst)
