@@ -35,16 +35,36 @@ logger = logging.getLogger("learnax")
 _RELISTS = 3
 
 
-def _make_checkpoint_dir(storage: Storage, path: str) -> None:
+def _make_checkpoint_dir(storage: Storage, path: str, registry: str) -> None:
     """Create the run's checkpoint directory. On a read-only registry (an evaluation job
     on a frozen copy) only warn: it still lists and loads. Anything else (a path
     through a file, say) is refused at once rather than failing every later save."""
     try:
         storage.makedirs(path)
+    except (FileExistsError, NotADirectoryError):
+        raise NotADirectoryError(_through_a_file(storage, path, registry)) from None
     except OSError as e:
         if e.errno not in NOT_WRITABLE_ERRNOS:
             raise
         logger.warning("Cannot create %s (%s): saves will fail", path, e)
+
+
+def _through_a_file(storage: Storage, path: str, registry: str) -> str:
+    """The error when the checkpoint directory ``path`` cannot be made because a file is
+    where it or one of its parents would be."""
+    blocker = path
+    while storage.kind(blocker) is None and storage.dirname(blocker) not in ("", blocker):
+        blocker = storage.dirname(blocker)
+    if blocker.rstrip("/") == registry.rstrip("/"):
+        return (
+            f"registry_path {registry!r} is a file: it must be a directory (or not exist "
+            "yet). Pass the directory that holds your runs."
+        )
+    return (
+        f"Cannot create the checkpoint directory {path}: {blocker} is a file, not a "
+        f"directory. registry_path ({registry!r}) must be a directory whose runs are "
+        "directories; move the file away or pick another registry_path or run_id."
+    )
 
 
 class Checkpointer:
@@ -159,7 +179,7 @@ class Checkpointer:
         self._saver = Saver(
             self._run, self._coord, on_best=self._best.committed, retain=self._retain
         )
-        _make_checkpoint_dir(self._storage, self.checkpoint_dir)
+        _make_checkpoint_dir(self._storage, self.checkpoint_dir, base)
         # Nothing is cleaned up here: a Checkpointer may be an evaluation job's reader
         # while training saves. The writer removes leftovers after its first commit.
         self._best.restore()
