@@ -18,6 +18,7 @@ from ._errors import (
     CheckpointError,
     CheckpointSaveError,
     LegacyPickleError,
+    RunIdWarning,
 )
 from ._inspect import (
     CheckpointInfo,
@@ -49,6 +50,7 @@ __all__ = [
     "LegacyPickleError",
     "Location",
     "MetricHistory",
+    "RunIdWarning",
     "RunSummary",
     "checkpoint_path",
     "convert",

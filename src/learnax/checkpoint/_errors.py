@@ -72,3 +72,24 @@ class CheckpointSaveError(CheckpointError):
         print(e)
     ```
     """
+
+
+class RunIdWarning(UserWarning):
+    """A run with no checkpoint was loaded while runs with a close name have some: the
+    ``run_id`` is probably mistyped, and the training loop is about to start from
+    scratch in a new, empty run.
+
+    Warned once per :class:`Checkpointer`, when a load finds nothing (names that differ
+    only in digits, the siblings of a sweep, are never suggested). Starting a new run on
+    purpose, silence it with the standard ``warnings`` filters; to stop at it instead,
+    turn it into an error.
+
+    **Example:**
+
+    ```python
+    import warnings
+    warnings.simplefilter("error", RunIdWarning)   # a mistyped run_id stops the job
+    restored = Checkpointer("runs", "alpah").load_latest()
+    # RunIdWarning: Run 'alpah' has no checkpoints in runs; did you mean 'alpha'? ...
+    ```
+    """
