@@ -621,7 +621,8 @@ class Checkpointer:
         similar = self._run.similar_runs(self.run_id)
         if similar:
             registry = self.registry_path
-            names = " or ".join(repr(r) for r in similar)
+            names = ", ".join(map(repr, similar[:-1])) + " or " * (len(similar) > 1)
+            names += repr(similar[-1])
             warnings.warn(
                 f"Run {self.run_id!r} has no checkpoints in {registry}; did you mean "
                 f"{names}? Loading it returns None, so training would start from scratch. "
