@@ -518,7 +518,8 @@ class Checkpointer:
         **Example:**
 
         ```python
-        start = 0 if ckpt.latest_step() is None else ckpt.latest_step() + 1
+        step = ckpt.latest_step()    # where a restart would resume, nothing loaded
+        print("fresh run" if step is None else f"resumes after step {step}")
         ```
         """
         return self._run.latest_step()

@@ -1,7 +1,9 @@
-"""Exceptions raised by learnax.checkpoint.
+"""Exceptions raised by learnax.checkpoint, and the one warning it gives.
 
 Programming errors (a bad argument, an unsupported leaf) are ordinary ``TypeError`` and
-``ValueError``; the classes here are for problems with what is stored.
+``ValueError``; the exception classes here are for problems with what is stored.
+:class:`RunIdWarning` is a Python warning because it points at the caller's code (a
+mistyped run id); what the caller can do nothing about goes to logger ``learnax``.
 """
 
 
