@@ -6,10 +6,12 @@ stand in for it. Test modules import them with ``from helpers import ...``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import warnings
 import zlib
 from pathlib import Path
 
@@ -160,3 +162,42 @@ def learnax_errors(caplog) -> list[logging.LogRecord]:
     return [
         r for r in caplog.records if r.name.startswith("learnax") and r.levelno >= logging.WARNING
     ]
+
+
+@contextlib.contextmanager
+def damage_reports():
+    """Collect what the block reports as damaged and skipped: the messages of the
+    "Skipping damaged ..." warnings on logger ``learnax``. Python warnings naming a
+    checkpoint fail the block: damage has one channel, the log."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("learnax")
+    logger.addHandler(handler)
+    reports: list[str] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield reports
+    finally:
+        logger.removeHandler(handler)
+    reports += [r.getMessage() for r in records if "Skipping damaged" in r.getMessage()]
+    assert [str(w.message) for w in caught if "damaged" in str(w.message)] == []
+
+
+@contextlib.contextmanager
+def skipped_once(name: str):
+    """Expect the block to skip the damaged checkpoint ``name`` and to report it exactly
+    once: one warning on logger ``learnax`` naming it, and no Python warning."""
+    with damage_reports() as reports:
+        yield
+    assert len(reports) == 1 and name in reports[0], reports
+
+
+@contextlib.contextmanager
+def nothing_damaged():
+    """Fail if the block reports any checkpoint as damaged, or warns at all."""
+    with damage_reports() as reports, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+    assert reports == [], reports

@@ -256,16 +256,17 @@ class Worker:
         state["step"] = step
         return state
 
-    def target(self, mesh, specs: dict, scale: int = 1):
+    def target(self, mesh, specs: dict, scale: int = 1, cast: str | None = None):
         """ShapeDtypeStructs on ``mesh`` with ``specs[path]`` (default: replicated);
-        a numpy leaf gets a numpy target, the step an int."""
+        a numpy leaf gets a numpy target, the step an int. ``cast``: the dtype the
+        target asks for in place of float32 (restored with ``allow_cast``)."""
         import jax
         from jax.sharding import NamedSharding, PartitionSpec
 
         pairs = []
         for path, shape, dtype_name, spec in LEAVES:
             full_shape = tuple(max(1, n // scale) for n in shape)
-            dtype = dtype_of(dtype_name)
+            dtype = dtype_of(cast if cast and dtype_name == "float32" else dtype_name)
             if spec is None:
                 pairs.append((path, np.zeros(full_shape, dtype)))
                 continue
@@ -344,9 +345,13 @@ class Worker:
                 else:
                     mesh = self.mesh(tuple(load["mesh"]), tuple(load["axes"]))
                     specs = {tuple(k.split("/")): spec_of(v) for k, v in load["specs"].items()}
-                    target = self.target(mesh, specs)
+                    cast = load.get("cast")
+                    target = self.target(mesh, specs, cast=cast)
                     restored = self.timed_load(
-                        name, lambda t=target: ckpt.load_checkpoint(step, target=t)
+                        name,
+                        lambda t=target, c=cast is not None: ckpt.load_checkpoint(
+                            step, target=t, allow_cast=c
+                        ),
                     )
                     self.result[name] = describe_load(
                         restored, None if restored is None else target

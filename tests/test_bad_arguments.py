@@ -11,6 +11,9 @@ from __future__ import annotations
 import decimal
 import fractions
 import math
+import os
+import subprocess
+import sys
 import types
 
 import jax
@@ -310,6 +313,31 @@ def test_metric_that_is_not_a_real_scalar_raises_type_error_naming_it_and_writes
     assert_untouched(run_with_history, before)
 
 
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("0.5", "Metric 'val/loss' is a str: metrics must be scalar numbers."),
+        (
+            np.ones(3),
+            "Metric 'val/loss' is a ndarray of shape (3,): metrics must be scalar numbers.",
+        ),
+        (None, "Metric 'val/loss' is a NoneType: metrics must be scalar numbers."),
+        (
+            10**5000,
+            "Metric 'val/loss' is an int too large to store (16610 bits): metrics must be "
+            "scalar numbers.",
+        ),
+    ],
+    ids=["str", "vector", "None", "huge-int"],
+)
+def test_metric_that_cannot_be_stored_says_what_it_is_in_one_plain_sentence(
+    run_with_history, value, message
+):
+    with pytest.raises(TypeError) as raised:
+        run_with_history.save_checkpoint(small_state(2), 2, {"val/loss": value})
+    assert str(raised.value) == message
+
+
 def test_bool_metric_is_stored_but_cannot_decide_the_best(run_with_history):
     """A bool is kept as a metric (e.g. a flag) but is no number to compare: using it
     as ``metric_name`` raises TypeError."""
@@ -501,6 +529,74 @@ def test_an_unknown_url_protocol_raises_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="nosuchfs"):
         Checkpointer("nosuchfs://bucket/runs", "run")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_registry_path_that_is_a_file_raises_saying_it_must_be_a_directory(tmp_path):
+    from learnax.checkpoint import Checkpointer
+
+    registry = tmp_path / "runs"
+    registry.write_text("not a directory")
+    with pytest.raises(NotADirectoryError) as raised:
+        Checkpointer(registry, "run")
+    assert str(raised.value) == (
+        f"registry_path {str(registry)!r} is a file: it must be a directory (or not exist "
+        "yet). Pass the directory that holds your runs."
+    )
+    assert registry.read_text() == "not a directory"
+
+
+def test_a_run_path_that_is_a_file_raises_naming_the_file(tmp_path):
+    from learnax.checkpoint import Checkpointer
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "run").write_text("")
+    with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'runs' / 'run'} is a file"):
+        Checkpointer(tmp_path / "runs", "run")
+
+
+# Run in a fresh interpreter in which importing the named module fails, as it does
+# where the package is not installed.
+_WITHOUT_MODULE = """
+import sys
+class Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == {module!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Missing())
+from learnax.checkpoint import Checkpointer
+try:
+    Checkpointer({url!r}, "run")
+except ImportError as e:
+    print(e)
+"""
+
+
+def _error_without(module: str, url: str) -> str:
+    code = _WITHOUT_MODULE.format(module=module, url=url)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_a_memory_url_without_fsspec_says_to_install_fsspec_not_an_extra():
+    assert _error_without("fsspec", "memory://runs") == (
+        "Checkpoints at 'memory://runs' need fsspec, which is not installed: pip install fsspec"
+    )
+
+
+@pytest.mark.parametrize(
+    "url, extra, package",
+    [("s3://bucket/runs", "s3", "s3fs"), ("gs://bucket/runs", "gcs", "gcsfs")],
+)
+@pytest.mark.parametrize("module", ["fsspec", "filesystem"])
+def test_an_object_store_url_without_its_packages_names_its_extra(url, extra, package, module):
+    message = _error_without("fsspec" if module == "fsspec" else package, url)
+    assert message.startswith(
+        f"Checkpoints at {url!r} need fsspec and {package}: pip install 'learnax[{extra}]'"
+    )
 
 
 @pytest.mark.parametrize("value", [0, -1.0, math.inf, math.nan])

@@ -42,12 +42,11 @@ import sys
 import textwrap
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_tree_equal, is_lock_file, numbered_steps
+from helpers import assert_tree_equal, is_lock_file, nothing_damaged, numbered_steps
 
 import learnax
 from learnax.checkpoint import Checkpointer
@@ -343,8 +342,7 @@ def check_loads(ckpt: Checkpointer, history: RunHistory) -> tuple[dict, dict | N
     """Load every checkpoint ``ckpt`` lists, and ``load_latest()``: each must be the
     state of its step, bit for bit, without a warning. Returns ({key: step}, latest)."""
     steps = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # nothing a mere kill leaves may look damaged
+    with nothing_damaged():  # nothing a mere kill leaves may look damaged
         for key, path in ckpt.list_available_checkpoints().items():
             loaded = ckpt.load_checkpoint(path)
             assert loaded is not None, f"{key} is listed but does not load"
@@ -414,8 +412,7 @@ def check_after_kill(registry: str, log, history: RunHistory, reader: Checkpoint
         assert sorted(os.path.basename(p) for p in listing.values()) == on_disk, on_disk
     if "best" in steps:
         assert ckpt.best_metric_value == loss(steps["best"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with nothing_damaged():
         after = ckpt.load_latest()
     assert (after and after["step"]) == (latest and latest["step"])
     if after is not None:

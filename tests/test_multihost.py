@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 from helpers import assert_tree_equal, checkpoint_dir_entries
@@ -248,12 +249,15 @@ def as_slices(index: list[list[int]]) -> tuple[slice, ...]:
     return tuple(slice(a, b) for a, b in index)
 
 
-def restore_problems(described, *, seed: int, step: int, with_target: bool) -> list[str]:
+def restore_problems(
+    described, *, seed: int, step: int, with_target: bool, cast: str | None = None
+) -> list[str]:
     """What is wrong in a worker's description of a restored state (empty: nothing).
 
     With a target, every array leaf but the numpy one must be a jax array on exactly
     the target's sharding, holding on this process the target's shards with the
-    expected data; without, every array leaf is the full numpy array."""
+    expected data (float32 leaves as numpy's ``astype(cast)`` of it, when the target
+    asked for ``cast``); without, every array leaf is the full numpy array."""
     if described is None:
         return ["the load returned None"]
     problems = []
@@ -268,6 +272,8 @@ def restore_problems(described, *, seed: int, step: int, with_target: bool) -> l
         if got is None:
             continue
         full = expected_array(path, seed)
+        if cast is not None and full.dtype == np.float32:
+            full = full.astype(ml_dtypes.bfloat16 if cast == "bfloat16" else cast)
         where = leaf_key(path)
         if with_target and spec is not None:
             if got["kind"] != "jax":
@@ -308,11 +314,15 @@ def restore_problems(described, *, seed: int, step: int, with_target: bool) -> l
     return problems
 
 
-def assert_restored(run: Launch, name: str, *, seed=0, step=STEP, with_target: bool) -> None:
+def assert_restored(
+    run: Launch, name: str, *, seed=0, step=STEP, with_target: bool, cast: str | None = None
+) -> None:
     results = run.check()
     for i, res in enumerate(results):
         assert name + "_error" not in res, f"process {i}: {res[name + '_error']}\n{run.report()}"
-        problems = restore_problems(res[name], seed=seed, step=step, with_target=with_target)
+        problems = restore_problems(
+            res[name], seed=seed, step=step, with_target=with_target, cast=cast
+        )
         assert not problems, f"process {i}:\n" + "\n".join(problems) + "\n" + run.report(2000)
 
 
@@ -578,11 +588,13 @@ def test_a_damaged_block_fails_only_the_process_that_reads_it(saved, tmp_path):
 
 @pytest.fixture(scope="module")
 def restored_2x2(saved, tmp_path_factory) -> Launch:
-    """One 2 x 2 launch: a load onto columns, then a load without target."""
+    """One 2 x 2 launch: a load onto columns, the same with float32 cast to bfloat16,
+    then a load without target."""
     columns = {"/".join(path): [None, "x"] for path in SHARDED}
     columns["partial/grid"] = ["y", "x"]
     loads = [
         {"name": "columns", "mesh": [2, 2], "axes": ["x", "y"], "specs": columns},
+        {"name": "cast", "mesh": [2, 2], "axes": ["x", "y"], "specs": columns, "cast": "bfloat16"},
         {"name": "no_target"},
     ]
     out = tmp_path_factory.mktemp("restore_2x2")
@@ -591,6 +603,10 @@ def restored_2x2(saved, tmp_path_factory) -> Launch:
 
 def test_restore_on_two_processes_onto_columns_instead_of_rows(restored_2x2):
     assert_restored(restored_2x2, "columns", with_target=True)
+
+
+def test_allow_cast_casts_each_piece_of_an_array_spanning_two_processes(restored_2x2):
+    assert_restored(restored_2x2, "cast", with_target=True, cast="bfloat16")
 
 
 def test_restore_on_two_processes_without_target_gives_every_process_the_full_arrays(

@@ -247,3 +247,132 @@ def test_target_leaf_of_another_kind_than_saved_raises_naming_it(make_checkpoint
     ckpt.save_checkpoint(saved, step=1)
     with pytest.raises(ValueError, match=r"\['a'\]"):
         ckpt.load_checkpoint(1, target=target)
+
+
+# --- allow_cast: a dtype cast on restore, only when asked for ---------------------------
+
+
+def _bits(array) -> np.ndarray:
+    """The raw bytes of an array, to compare casts bit for bit (NaN included)."""
+    array = np.asarray(jax.device_get(array))
+    return array.view(np.dtype(f"V{array.dtype.itemsize}"))
+
+
+@pytest.mark.parametrize("load", ["load_checkpoint", "load_latest", "load_best"])
+def test_allow_cast_restores_a_float32_checkpoint_into_bfloat16_as_numpy_astype_does(
+    make_checkpointer, load
+):
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((64, 33)).astype(np.float32) * 1e3
+    weights.flat[:4] = [np.inf, -np.inf, np.nan, 3.4e38]  # rounding edges: inf, nan, overflow
+    ckpt = make_checkpointer()
+    ckpt.save_checkpoint({"params": {"w": weights}}, step=1, is_best=True)
+    ckpt.save_checkpoint({"params": {"w": weights}}, step=1)
+    target = {"params": {"w": jax.ShapeDtypeStruct((64, 33), jnp.bfloat16)}}
+    args = (1,) if load == "load_checkpoint" else ()
+
+    restored = getattr(ckpt, load)(*args, target=target, allow_cast=True)["state"]
+
+    w = restored["params"]["w"]
+    assert isinstance(w, jax.Array) and w.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(_bits(w), _bits(weights.astype(jnp.bfloat16)))
+
+
+def test_without_allow_cast_a_dtype_mismatch_raises_naming_the_leaf_and_the_keyword(
+    make_checkpointer,
+):
+    ckpt = saved_checkpointer(make_checkpointer, {"params": {"w": np.ones(3, np.float32)}})
+    target = {"params": {"w": jax.ShapeDtypeStruct((3,), jnp.bfloat16)}}
+    with pytest.raises(ValueError) as raised:
+        ckpt.load_checkpoint(1, target=target)
+    assert str(raised.value) == (
+        "Leaf at ['params']['w']: dtype float32 in the checkpoint, bfloat16 in the target "
+        "(pass allow_cast=True to cast it)"
+    )
+
+
+def test_allow_cast_restores_ints_into_floats_exactly_also_into_numpy_targets(make_checkpointer):
+    counts = np.arange(-5, 1000, dtype=np.int32)
+    ckpt = saved_checkpointer(make_checkpointer, {"counts": counts, "step": np.int64(7)})
+    target = {"counts": np.zeros(counts.shape, np.float32), "step": jnp.zeros((), jnp.int32)}
+
+    restored = ckpt.load_checkpoint(1, target=target, allow_cast=True)["state"]
+
+    assert type(restored["counts"]) is np.ndarray and restored["counts"].dtype == np.float32
+    np.testing.assert_array_equal(restored["counts"], counts.astype(np.float32))
+    assert restored["step"].dtype == jnp.int32 and int(restored["step"]) == 7
+
+
+def test_allow_cast_refuses_an_int_that_does_not_fit_the_narrower_int_naming_the_leaf(
+    make_checkpointer,
+):
+    ckpt = saved_checkpointer(make_checkpointer, {"ids": np.array([1, 300], np.int64)})
+    with pytest.raises(ValueError, match=r"\['ids'\].*1 to 300.*int8"):
+        ckpt.load_checkpoint(1, target={"ids": np.zeros(2, np.int8)}, allow_cast=True)
+
+
+@pytest.mark.parametrize(
+    "saved, target",
+    [
+        (np.ones(3, np.float32), np.zeros(3, np.int32)),
+        (np.ones(3, np.float32), np.zeros(3, bool)),
+        (np.ones(3, bool), np.zeros(3, np.float32)),
+        (np.ones(3, np.complex64), np.zeros(3, np.float32)),
+    ],
+    ids=["float-to-int", "float-to-bool", "bool-to-float", "complex-to-real"],
+)
+def test_allow_cast_refuses_casts_that_change_what_the_values_mean(
+    make_checkpointer, saved, target
+):
+    ckpt = saved_checkpointer(make_checkpointer, {"x": saved})
+    with pytest.raises(ValueError, match=r"Leaf at \['x'\]: dtype .* allow_cast casts numbers"):
+        ckpt.load_checkpoint(1, target={"x": target}, allow_cast=True)
+
+
+def test_allow_cast_still_refuses_a_shape_mismatch_naming_the_leaf(make_checkpointer):
+    ckpt = saved_checkpointer(
+        make_checkpointer, {"encoder": {"kernel": np.ones((3, 4), np.float32)}}
+    )
+    target = {"encoder": {"kernel": jax.ShapeDtypeStruct((4, 4), jnp.bfloat16)}}
+    with pytest.raises(ValueError, match=r"\['encoder'\]\['kernel'\]: shape \(3, 4\)"):
+        ckpt.load_checkpoint(1, target=target, allow_cast=True)
+
+
+@pytest.mark.parametrize(
+    "saved, target",
+    [
+        (jax.random.key(1), jnp.zeros((2,), jnp.uint32)),
+        (np.zeros((2,), np.uint32), jax.random.key(0)),
+        (jax.random.key(1, impl="threefry2x32"), jax.random.key(0, impl="rbg")),
+    ],
+    ids=["key-into-uint32", "uint32-into-key", "threefry-into-rbg"],
+)
+def test_allow_cast_never_casts_prng_keys(make_checkpointer, saved, target):
+    ckpt = saved_checkpointer(make_checkpointer, {"rng": saved})
+    with pytest.raises(ValueError, match=r"\['rng'\]"):
+        ckpt.load_checkpoint(1, target={"rng": target}, allow_cast=True)
+
+
+def test_allow_cast_keeps_a_prng_key_of_the_same_implementation_as_it_is(make_checkpointer):
+    key = jax.random.key(3)
+    state = {"rng": key, "w": np.ones(2, np.float32)}
+    ckpt = saved_checkpointer(make_checkpointer, state)
+    target = {"rng": jax.random.key(0), "w": jnp.zeros(2, jnp.bfloat16)}
+    restored = ckpt.load_checkpoint(1, target=target, allow_cast=True)["state"]
+    assert restored["rng"].dtype == key.dtype
+    np.testing.assert_array_equal(jax.random.key_data(restored["rng"]), jax.random.key_data(key))
+
+
+def test_allow_cast_applies_to_a_legacy_pickle_too(make_checkpointer):
+    import os
+    import pickle
+
+    ckpt = make_checkpointer()
+    weights = np.linspace(-3, 3, 10, dtype=np.float32)
+    with open(os.path.join(ckpt.checkpoint_dir, "state_5.pyd"), "wb") as f:
+        pickle.dump({"state": {"w": weights}, "step": 5, "time": 1.0}, f)
+    target = {"w": jax.ShapeDtypeStruct((10,), jnp.bfloat16)}
+    with pytest.raises(ValueError, match="allow_cast=True"):
+        ckpt.load_latest(target=target)
+    restored = ckpt.load_latest(target=target, allow_cast=True)["state"]
+    np.testing.assert_array_equal(_bits(restored["w"]), _bits(weights.astype(jnp.bfloat16)))

@@ -12,6 +12,7 @@ A pristine run is saved once per module; each case works on its own copy of it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -209,16 +210,25 @@ def user_warnings(record: list[warnings.WarningMessage]) -> list[str]:
 
 def check_load_latest(registry: Path, damaged: set[str]) -> None:
     """load_latest() returns the newest intact candidate exactly as saved (or None when
-    none is left), after one warning naming each damaged candidate newer than it."""
+    none is left), after one warning on logger "learnax" naming each damaged candidate
+    newer than it, and no Python warning (the one channel)."""
     ckpt = open_run(registry)
     present = [c for c in CANDIDATES if checkpoint_path(registry, c).exists()]
     intact = [c for c in present if c not in damaged]
     expected = intact[0] if intact else None
     skipped = present[: present.index(expected)] if expected else present
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        loaded = ckpt.load_latest()
-    messages = user_warnings(record)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("learnax").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            loaded = ckpt.load_latest()
+    finally:
+        logging.getLogger("learnax").removeHandler(handler)
+    assert user_warnings(record) == [], "a damaged checkpoint reported twice"
+    messages = [r.getMessage() for r in records if "Skipping damaged" in r.getMessage()]
     for name in skipped:
         assert any(f"state_{name}" in m for m in messages), (
             f"no warning about skipping damaged state_{name}; warnings: {messages}"

@@ -30,7 +30,6 @@ import subprocess
 import threading
 import time
 import uuid
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +38,7 @@ from helpers import (
     assert_tree_equal,
     checkpoint_dir_entries,
     learnax_errors,
+    nothing_damaged,
     small_state,
 )
 
@@ -222,8 +222,7 @@ def committed_dirs_are_clean(checkpoint_dir) -> None:
 
 
 def load_without_warnings(ckpt, what):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with nothing_damaged():
         return ckpt.load_checkpoint(what)
 
 

@@ -18,6 +18,7 @@ from ._errors import (
     CheckpointError,
     CheckpointSaveError,
     LegacyPickleError,
+    RunIdWarning,
 )
 from ._inspect import (
     CheckpointInfo,
@@ -56,6 +57,7 @@ __all__ = [
     "LegacyPickleError",
     "Location",
     "MetricHistory",
+    "RunIdWarning",
     "RunSummary",
     "checkpoint_path",
     "convert",

@@ -18,7 +18,7 @@ import jax
 from . import _legacy, _policy
 from ._background import BackgroundSaves, snapshot
 from ._best import BestTracker
-from ._errors import CheckpointCorruptedError
+from ._errors import CheckpointCorruptedError, RunIdWarning
 from ._metrics import encode_metrics
 from ._multihost import Coordinator, is_multihost
 from ._preemption import PreemptionWatch
@@ -36,16 +36,36 @@ logger = logging.getLogger("learnax")
 _RELISTS = 3
 
 
-def _make_checkpoint_dir(storage: Storage, path: str) -> None:
+def _make_checkpoint_dir(storage: Storage, path: str, registry: str) -> None:
     """Create the run's checkpoint directory. On a read-only registry (an evaluation job
     on a frozen copy) only warn: it still lists and loads. Anything else (a path
     through a file, say) is refused at once rather than failing every later save."""
     try:
         storage.makedirs(path)
+    except (FileExistsError, NotADirectoryError):
+        raise NotADirectoryError(_through_a_file(storage, path, registry)) from None
     except OSError as e:
         if e.errno not in NOT_WRITABLE_ERRNOS:
             raise
         logger.warning("Cannot create %s (%s): saves will fail", path, e)
+
+
+def _through_a_file(storage: Storage, path: str, registry: str) -> str:
+    """The error when the checkpoint directory ``path`` cannot be made because a file is
+    where it or one of its parents would be."""
+    blocker = path
+    while storage.kind(blocker) is None and storage.dirname(blocker) not in ("", blocker):
+        blocker = storage.dirname(blocker)
+    if blocker.rstrip("/") == registry.rstrip("/"):
+        return (
+            f"registry_path {registry!r} is a file: it must be a directory (or not exist "
+            "yet). Pass the directory that holds your runs."
+        )
+    return (
+        f"Cannot create the checkpoint directory {path}: {blocker} is a file, not a "
+        f"directory. registry_path ({registry!r}) must be a directory whose runs are "
+        "directories; move the file away or pick another registry_path or run_id."
+    )
 
 
 class Checkpointer:
@@ -153,6 +173,7 @@ class Checkpointer:
         self._background = BackgroundSaves()
         self._tree_cache = TreeCache()
         self._closed = False
+        self._mistyped_checked = False  # the RunIdWarning check is made once at most
         # Multi-host: process 0 commits, cleans up and applies retention; the others
         # write their shards and wait for its word.
         self._coord = Coordinator(run_id, multihost_timeout) if is_multihost() else None
@@ -169,7 +190,7 @@ class Checkpointer:
         self._saver = Saver(
             self._run, self._coord, on_best=self._best.committed, retain=self._retain
         )
-        _make_checkpoint_dir(self._storage, self.checkpoint_dir)
+        _make_checkpoint_dir(self._storage, self.checkpoint_dir, base)
         # Nothing is cleaned up here: a Checkpointer may be an evaluation job's reader
         # while training saves. The writer removes leftovers after its first commit.
         self._best.restore()
@@ -497,7 +518,8 @@ class Checkpointer:
 
         **Returns:** a dict mapping ``"latest"``, ``"best"``, one ``"step_<N>"`` per
         numbered checkpoint (ascending step) and any other ``suffix`` name to its path.
-        A half-written checkpoint is never listed.
+        A half-written checkpoint is never listed. Empty, it warns once
+        (:class:`RunIdWarning`) when runs with a close name have checkpoints.
 
         **Example:**
 
@@ -506,12 +528,57 @@ class Checkpointer:
         {'latest': 'runs/mlp/checkpoints/state_latest', 'step_1000': '.../state_1000'}
         ```
         """
-        return self._run.available()
+        found = self._run.available()
+        if not found:
+            self._warn_if_mistyped(stacklevel=3)
+        return found
+
+    def steps(self) -> list[int]:
+        """The steps of the committed numbered checkpoints, ascending. Lists the run
+        directory only: no manifest or data file is read.
+
+        **Arguments:** none.
+
+        **Returns:** a list of ints, ``[]`` when there is no numbered checkpoint.
+
+        **Example:**
+
+        ```python
+        >>> ckpt.steps()
+        [1000, 2000, 3000]
+        ```
+        """
+        return self._run.numbered_steps()
+
+    def latest_step(self) -> int | None:
+        """The step :meth:`load_latest` would return: the highest among ``latest`` and
+        the numbered checkpoints, one whose manifest is damaged skipped. Reads the
+        listing and manifests only, never a data file, so a checkpoint whose data is
+        damaged still counts (``load_latest`` would skip it); a run with only legacy
+        pickles (``state_*.pyd``) gives ``None``.
+
+        **Arguments:** none.
+
+        **Returns:** the step, or ``None`` when the run has no checkpoint.
+
+        **Example:**
+
+        ```python
+        step = ckpt.latest_step()    # where a restart would resume, nothing loaded
+        print("fresh run" if step is None else f"resumes after step {step}")
+        ```
+        """
+        return self._run.latest_step()
 
     # ----------------------------------------------------------------- loading
 
     def load_checkpoint(
-        self, path_or_index: str | int, *, target: Any = None, allow_pickle: bool = False
+        self,
+        path_or_index: str | int,
+        *,
+        target: Any = None,
+        allow_pickle: bool = False,
+        allow_cast: bool = False,
     ) -> LoadedCheckpoint | None:
         """Load one checkpoint.
 
@@ -526,10 +593,18 @@ class Checkpointer:
         - `allow_pickle`: for a ``state_*.pyd`` pickle of the original learnax that
           cannot be read without running code from it: unpickle it anyway (only for
           files you trust). The original's own pickles need no such permission.
+        - `allow_cast`: with a `target`, cast an array whose dtype differs from the
+          target leaf's to the target's (say a float32 checkpoint into bfloat16
+          parameters), on the host before it goes to a device. Only toward a kind that
+          holds the numbers: integer to integer (values must fit) or floating, floating
+          to floating, any of these to complex; never ``bool`` or PRNG keys. Shapes
+          must still match.
 
         **Returns:** ``{"state", "step", "time", "metrics"}``, or ``None`` when there is
-        no such checkpoint. Raises :class:`CheckpointCorruptedError` when it fails
-        verification, ``ValueError`` naming the leaf when it does not fit ``target``.
+        no such checkpoint (warning once, :class:`RunIdWarning`, when this run has no
+        checkpoint at all and runs with a close name have some). Raises
+        :class:`CheckpointCorruptedError` when it fails verification, ``ValueError``
+        naming the leaf when it does not fit ``target``.
 
         **Example:**
 
@@ -538,22 +613,21 @@ class Checkpointer:
         params = ckpt.load_checkpoint("best", target={"params": params})["state"]
         ```
         """
-        path = self._run.resolve(path_or_index)
-        if path is None:
-            return self.load_latest(target=target, allow_pickle=allow_pickle)
-        return self._load_path(path, target, allow_pickle)
+        return self._found(self._load(path_or_index, target, allow_pickle, allow_cast))
 
     def load_latest(
-        self, *, target: Any = None, allow_pickle: bool = False
+        self, *, target: Any = None, allow_pickle: bool = False, allow_cast: bool = False
     ) -> LoadedCheckpoint | None:
         """Load the newest checkpoint: the highest step among ``latest`` and the
-        numbered ones. One that fails verification is skipped with a warning and the
-        next newest is returned.
+        numbered ones. One that fails verification is skipped, with a warning on logger
+        ``"learnax"``, and the next newest is returned.
 
-        **Arguments:** `target` and `allow_pickle` as in :meth:`load_checkpoint`.
+        **Arguments:** `target`, `allow_pickle` and `allow_cast` as in
+        :meth:`load_checkpoint`.
 
         **Returns:** ``{"state", "step", "time", "metrics"}``, or ``None`` when the run
-        has no checkpoint.
+        has no checkpoint (warning once, :class:`RunIdWarning`, when runs with a close
+        name have some: a mistyped ``run_id``).
 
         **Example:**
 
@@ -562,67 +636,118 @@ class Checkpointer:
         start = 0 if restored is None else restored["step"] + 1
         ```
         """
-        # A checkpoint listed but gone when read was deleted by a live run's retention,
-        # which committed a newer one first: list again (a few times at most).
-        for _ in range(_RELISTS):
-            loaded, vanished = self._load_newest(target)
-            if loaded is not None or not vanished:
-                break
-        if loaded is not None:
-            return loaded
-        return _legacy.load_newest_legacy(
-            self._storage, self.checkpoint_dir, self._run.legacy_files(), allow_pickle, target
-        )
-
-    def _load_newest(self, target: Any) -> tuple[LoadedCheckpoint | None, bool]:
-        """The newest checkpoint that verifies, damaged ones skipped with a warning; and
-        whether one listed had vanished by the time it was read."""
-        vanished = False
-        for name, manifest in self._run.newest_first():
-            directory = self._run.join(name)
-            try:
-                loaded = self._read(directory, target, manifest)
-            except CheckpointCorruptedError as e:
-                message = f"Skipping damaged checkpoint {directory}: {e}"
-                logger.warning(message)
-                warnings.warn(message, stacklevel=3)
-                continue
-            if loaded is not None:
-                return loaded, vanished
-            vanished = True
-        return None, vanished
+        return self._found(self._load(-1, target, allow_pickle, allow_cast))
 
     def load_best(
-        self, *, target: Any = None, allow_pickle: bool = False
+        self, *, target: Any = None, allow_pickle: bool = False, allow_cast: bool = False
     ) -> LoadedCheckpoint | None:
         """Load ``state_best``.
 
-        **Arguments:** `target` and `allow_pickle` as in :meth:`load_checkpoint`.
+        **Arguments:** `target`, `allow_pickle` and `allow_cast` as in
+        :meth:`load_checkpoint`.
 
         **Returns:** ``{"state", "step", "time", "metrics"}``, or ``None`` when there is
         no best checkpoint.
 
         **Example:** `best_params = ckpt.load_best(target={"params": params})["state"]`
         """
-        return self.load_checkpoint("best", target=target, allow_pickle=allow_pickle)
+        return self._found(self._load("best", target, allow_pickle, allow_cast))
 
-    def _load_path(self, path: str, target: Any, allow_pickle: bool) -> LoadedCheckpoint | None:
+    def _found(self, loaded: LoadedCheckpoint | None) -> LoadedCheckpoint | None:
+        """``loaded``; when it is ``None``, first the warning of a likely mistyped run id."""
+        if loaded is None:
+            self._warn_if_mistyped()
+        return loaded
+
+    def _warn_if_mistyped(self, stacklevel: int = 4) -> None:
+        """Once per Checkpointer: when this run has no checkpoint and runs with a close
+        name have some, warn naming them (``stacklevel``: the caller of the public method)."""
+        if self._mistyped_checked:
+            return
+        self._mistyped_checked = True
+        similar = self._run.similar_runs(self.run_id)
+        if similar:
+            registry = self.registry_path
+            names = ", ".join(map(repr, similar[:-1])) + " or " * (len(similar) > 1)
+            names += repr(similar[-1])
+            warnings.warn(
+                f"Run {self.run_id!r} has no checkpoints in {registry}; did you mean "
+                f"{names}? Loading it returns None, so training would start from scratch. "
+                "If this is a new run, ignore this warning.",
+                RunIdWarning,
+                stacklevel=stacklevel,
+            )
+
+    def _load(
+        self, path_or_index: str | int, target: Any, allow_pickle: bool, allow_cast: bool
+    ) -> LoadedCheckpoint | None:
+        path = self._run.resolve(path_or_index)
+        if path is None:
+            return self._load_latest(target, allow_pickle, allow_cast)
+        return self._load_path(path, target, allow_pickle, allow_cast)
+
+    def _load_latest(
+        self, target: Any, allow_pickle: bool, allow_cast: bool
+    ) -> LoadedCheckpoint | None:
+        # A checkpoint listed but gone when read was deleted by a live run's retention,
+        # which committed a newer one first: list again (a few times at most).
+        for _ in range(_RELISTS):
+            loaded, vanished = self._load_newest(target, allow_cast)
+            if loaded is not None or not vanished:
+                break
+        if loaded is not None:
+            return loaded
+        return _legacy.load_newest_legacy(
+            self._storage,
+            self.checkpoint_dir,
+            self._run.legacy_files(),
+            allow_pickle,
+            target,
+            allow_cast,
+        )
+
+    def _load_newest(self, target: Any, allow_cast: bool) -> tuple[LoadedCheckpoint | None, bool]:
+        """The newest checkpoint that verifies, damaged ones skipped with a warning (on
+        the logger only: one report each); and whether one listed had vanished by the
+        time it was read."""
+        vanished = False
+        for name, manifest in self._run.newest_first():
+            directory = self._run.join(name)
+            try:
+                loaded = self._read(directory, target, allow_cast, manifest)
+            except CheckpointCorruptedError as e:
+                logger.warning("Skipping damaged checkpoint %s: %s", directory, e)
+                continue
+            if loaded is not None:
+                return loaded, vanished
+            vanished = True
+        return None, vanished
+
+    def _load_path(
+        self, path: str, target: Any, allow_pickle: bool, allow_cast: bool
+    ) -> LoadedCheckpoint | None:
         legacy = path if path.endswith(_legacy.SUFFIX) else path + _legacy.SUFFIX
         if not self._storage.isdir(path) and self._storage.isfile(legacy):
-            return _legacy.load_legacy(self._storage, legacy, allow_pickle, target)
+            return _legacy.load_legacy(self._storage, legacy, allow_pickle, target, allow_cast)
         # A name or step of this run may point at something learnax did not make where a
         # checkpoint directory would be (what load_latest lists never does).
         parent, name = self._storage.dirname(path), path.rstrip("/").rpartition("/")[2]
         if parent == self.checkpoint_dir and self._run.is_foreign(name):
             logger.warning("Not loading %s: a link or a file learnax did not make", path)
             return None
-        return self._read(path, target)
+        return self._read(path, target, allow_cast)
 
     def _read(
-        self, directory: str, target: Any, manifest: dict[str, Any] | None = None
+        self,
+        directory: str,
+        target: Any,
+        allow_cast: bool,
+        manifest: dict[str, Any] | None = None,
     ) -> LoadedCheckpoint | None:
         try:
-            return read_checkpoint(self._storage, directory, target, manifest)
+            return read_checkpoint(
+                self._storage, directory, target, manifest, allow_cast=allow_cast
+            )
         except FileNotFoundError:
             return None
 

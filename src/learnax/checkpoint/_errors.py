@@ -1,7 +1,9 @@
-"""Exceptions raised by learnax.checkpoint.
+"""Exceptions raised by learnax.checkpoint, and the one warning it gives.
 
 Programming errors (a bad argument, an unsupported leaf) are ordinary ``TypeError`` and
-``ValueError``; the classes here are for problems with what is stored.
+``ValueError``; the exception classes here are for problems with what is stored.
+:class:`RunIdWarning` is a Python warning because it points at the caller's code (a
+mistyped run id); what the caller can do nothing about goes to logger ``learnax``.
 """
 
 
@@ -70,5 +72,26 @@ class CheckpointSaveError(CheckpointError):
         ckpt.wait_until_finished()
     except CheckpointSaveError as e:        # the background write failed; logged too
         print(e)
+    ```
+    """
+
+
+class RunIdWarning(UserWarning):
+    """A run with no checkpoint was loaded while runs with a close name have some: the
+    ``run_id`` is probably mistyped, and the training loop is about to start from
+    scratch in a new, empty run.
+
+    Warned once per :class:`Checkpointer`, when a load finds nothing (names that differ
+    only in digits, the siblings of a sweep, are never suggested). Starting a new run on
+    purpose, silence it with the standard ``warnings`` filters; to stop at it instead,
+    turn it into an error.
+
+    **Example:**
+
+    ```python
+    import warnings
+    warnings.simplefilter("error", RunIdWarning)   # a mistyped run_id stops the job
+    restored = Checkpointer("runs", "alpah").load_latest()
+    # RunIdWarning: Run 'alpah' has no checkpoints in runs; did you mean 'alpha'? ...
     ```
     """

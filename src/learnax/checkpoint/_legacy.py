@@ -11,7 +11,6 @@ of those files and which of a run's files ``load_latest`` falls back to.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,17 +29,18 @@ SUFFIX = LEGACY_SUFFIX
 
 
 def load_legacy(
-    storage: Storage, path: str, allow_pickle: bool, target: Any = None
+    storage: Storage, path: str, allow_pickle: bool, target: Any = None, allow_cast: bool = False
 ) -> LoadedCheckpoint:
     """Read the legacy pickle checkpoint at ``path``.
 
     Returns the ``{"state", "step", "time", "metrics"}`` dict of a load, the state
-    restored into ``target`` when one is given. Raises :class:`LegacyPickleError` when
+    restored into ``target`` when one is given (dtypes cast where ``allow_cast``
+    allows, see ``_target``). Raises :class:`LegacyPickleError` when
     the file needs code to be rebuilt and ``allow_pickle`` is false,
     :class:`CheckpointCorruptedError` when it is not a readable checkpoint.
     """
     try:
-        return _load(storage, path, allow_pickle, target)
+        return _load(storage, path, allow_pickle, target, allow_cast)
     except _unpickle.NeedsCode as e:
         raise LegacyPickleError(
             f"{path} is a pickle checkpoint that cannot be read without running code "
@@ -61,7 +61,9 @@ def converted_path(path: str) -> str:
 _MAX_PICKLE = 1 << 40
 
 
-def _load(storage: Storage, path: str, allow_pickle: bool, target: Any) -> LoadedCheckpoint:
+def _load(
+    storage: Storage, path: str, allow_pickle: bool, target: Any, allow_cast: bool
+) -> LoadedCheckpoint:
     """:func:`load_legacy`, a pickle that needs code raising ``_unpickle.NeedsCode``."""
     obj = _unpickle.load(read_bounded(storage, path), path, allow_pickle)
     try:
@@ -70,7 +72,7 @@ def _load(storage: Storage, path: str, allow_pickle: bool, target: Any) -> Loade
         # What a crafted pickle put where the step, time or metrics go.
         raise CheckpointCorruptedError(f"{path}: {type(e).__name__}: {e}") from None
     if target is not None:
-        loaded["state"] = _restore(loaded["state"], target, path)
+        loaded["state"] = _restore(loaded["state"], target, path, allow_cast)
     return loaded
 
 
@@ -122,7 +124,7 @@ def _time(value: Any, path: str) -> float:
     raise CheckpointCorruptedError(f"{path}: the time is not a number: {value!r:.60}")
 
 
-def _restore(state: Any, target: Any, path: str) -> Any:
+def _restore(state: Any, target: Any, path: str, allow_cast: bool) -> Any:
     """``state`` (read from a pickle) in the types and structure of ``target``, as the
     same target restores a learnax checkpoint."""
     try:
@@ -134,7 +136,7 @@ def _restore(state: Any, target: Any, path: str) -> Any:
     def read_nodes(nodes: list[Any]) -> list[Any]:
         return [_tree.decode_tree(node, arrays.array) for node in nodes]
 
-    return restore_into_target(tree, target, read_nodes, arrays)
+    return restore_into_target(tree, target, read_nodes, arrays, allow_cast=allow_cast)
 
 
 class _InMemoryArrays:
@@ -163,6 +165,7 @@ def load_newest_legacy(
     entries: list[str],
     allow_pickle: bool,
     target: Any = None,
+    allow_cast: bool = False,
 ) -> LoadedCheckpoint | None:
     """The newest of the legacy pickle files ``entries`` of a run's ``directory`` (what
     ``load_latest`` falls back to); ``None`` when none can be read.
@@ -170,7 +173,7 @@ def load_newest_legacy(
     Reads as few as it can: latest, whose step only the file knows, then the numbered
     ones newest first until one is read, unless latest is at least as new (with
     neither, the other names, the last by name first). A damaged file is skipped with a
-    warning. One that needs code (unless ``allow_pickle``) raises
+    warning on logger ``learnax``. One that needs code (unless ``allow_pickle``) raises
     :class:`LegacyPickleError` naming it and ``learnax convert``: without it the newest
     cannot be known.
     """
@@ -178,18 +181,22 @@ def load_newest_legacy(
     numbered = sorted((e for e in entries if legacy_step(e) >= 0), key=legacy_step, reverse=True)
     loaded: list[LoadedCheckpoint] = []
     if latest in entries:
-        loaded += _read_or_skip(storage, directory, entries, latest, allow_pickle, target)
+        loaded += _read_or_skip(
+            storage, directory, entries, latest, allow_pickle, target, allow_cast
+        )
     for entry in numbered:
         if loaded and _step_or_minus_one(loaded[0]) >= legacy_step(entry):
             break
-        found = _read_or_skip(storage, directory, entries, entry, allow_pickle, target)
+        found = _read_or_skip(storage, directory, entries, entry, allow_pickle, target, allow_cast)
         if found:
             loaded += found
             break
     if latest not in entries and not numbered:
         others = sorted(e for e in entries if e != checkpoint_name(BEST) + SUFFIX)
         for entry in reversed(others):
-            loaded = _read_or_skip(storage, directory, entries, entry, allow_pickle, target)
+            loaded = _read_or_skip(
+                storage, directory, entries, entry, allow_pickle, target, allow_cast
+            )
             if loaded:
                 break
     return max(loaded, key=_step_or_minus_one, default=None)
@@ -206,15 +213,14 @@ def _read_or_skip(
     entry: str,
     allow_pickle: bool,
     target: Any,
+    allow_cast: bool,
 ) -> list[LoadedCheckpoint]:
     """One legacy file of the run, as a list: empty (warned) when it is damaged."""
     path = storage.join(directory, entry)
     try:
-        return [_load(storage, path, allow_pickle, target)]
+        return [_load(storage, path, allow_pickle, target, allow_cast)]
     except CheckpointCorruptedError as e:
-        message = f"Skipping damaged legacy checkpoint {path}: {e}"
-        logger.warning(message)
-        warnings.warn(message, stacklevel=4)
+        logger.warning("Skipping damaged legacy checkpoint %s: %s", path, e)
         return []
     except _unpickle.NeedsCode as e:
         raise LegacyPickleError(

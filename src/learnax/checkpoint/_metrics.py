@@ -43,10 +43,16 @@ def _encode_metric(key: str, value: Any) -> Any:
     scalar = python_scalar(value)
     if scalar is not value and isinstance(scalar, (bool, int, float)):
         return _encode_metric(key, scalar)
-    raise TypeError(
-        f"Metric {key!r} is {type(value).__name__} {np.shape(value) if hasattr(value, 'shape') else ''}"
-        ": metrics must be scalar numbers."
-    )
+    raise TypeError(f"Metric {key!r} is {_describe(value)}: metrics must be scalar numbers.")
+
+
+def _describe(value: Any) -> str:
+    """What a metric that cannot be stored is, for its error message."""
+    if isinstance(value, int):
+        return f"an int too large to store ({value.bit_length()} bits)"
+    if hasattr(value, "shape"):
+        return f"a {type(value).__name__} of shape {tuple(np.shape(value))}"
+    return f"a {type(value).__name__}"
 
 
 def python_scalar(value: Any) -> Any:

@@ -56,11 +56,14 @@ def read_checkpoint(
     directory: str,
     target: Any = None,
     manifest: dict[str, Any] | None = None,
+    *,
+    allow_cast: bool = False,
 ) -> LoadedCheckpoint:
     """The committed checkpoint in ``directory``, verified.
 
     Without ``target`` the state comes back as saved (numpy arrays, typed PRNG keys,
-    the containers of the saved tree); with one, shaped like it (see ``_target``). A
+    the containers of the saved tree); with one, shaped like it (see ``_target``; its
+    dtypes cast to where ``allow_cast``). A
     save replacing the checkpoint meanwhile is handled by :func:`read_consistent`;
     ``manifest``, the verified manifest read a moment before, spares reading it again.
     Raises ``FileNotFoundError`` when no checkpoint is committed there,
@@ -68,11 +71,14 @@ def read_checkpoint(
     does not fit ``target``.
     """
     return read_consistent(
-        storage, directory, lambda reader: _read_state(reader, target), manifest=manifest
+        storage,
+        directory,
+        lambda reader: _read_state(reader, target, allow_cast),
+        manifest=manifest,
     )
 
 
-def _read_state(reader: CheckpointReader, target: Any) -> LoadedCheckpoint:
+def _read_state(reader: CheckpointReader, target: Any, allow_cast: bool) -> LoadedCheckpoint:
     storage, directory, manifest = reader.storage, reader.directory, reader.manifest
 
     def read_nodes(nodes: list[Any]) -> list[Any]:
@@ -83,7 +89,9 @@ def _read_state(reader: CheckpointReader, target: Any) -> LoadedCheckpoint:
         if target is None:
             state = read_nodes([manifest["tree"]])[0]
         else:
-            state = restore_into_target(manifest["tree"], target, read_nodes, reader)
+            state = restore_into_target(
+                manifest["tree"], target, read_nodes, reader, allow_cast=allow_cast
+            )
     except (_tree.MalformedTreeError, RecursionError, KeyError, IndexError, AttributeError) as e:
         # The last three only from a tree node of a crafted manifest that a check
         # missed: still damage of this checkpoint, never a crash of the caller's load.

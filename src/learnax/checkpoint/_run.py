@@ -10,6 +10,7 @@ command line all go through this module, so they agree on every one of these fac
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import os
@@ -217,6 +218,22 @@ def run_dirs(storage: Storage, registry: str) -> list[str]:
     ]
 
 
+def _has_checkpoints(storage: Storage, directory: str) -> bool:
+    """Whether a run's ``checkpoints`` directory holds a committed checkpoint or a
+    legacy pickle (one listing, and a manifest check per checkpoint directory)."""
+    for entry, kind in storage.scan(directory):
+        if kind == "dir" and checkpoint_key(entry) is not None:
+            if storage.isfile(storage.join(directory, entry, MANIFEST)):
+                return True
+        elif kind == "file" and legacy_key(entry) is not None:
+            return True
+    return False
+
+
+def _without_digits(name: str) -> str:
+    return re.sub(r"[0-9]+", "#", name)
+
+
 def path_kind(storage: Storage, path: str) -> str:
     """``"checkpoint"``, ``"run"`` or ``"registry"``: what ``path`` points at.
     Raises ``FileNotFoundError`` when nothing is there."""
@@ -335,6 +352,45 @@ class RunDirectory:
                 pass  # deleted since it was listed: not a candidate
         candidates.sort(key=lambda c: c[:2], reverse=True)
         return [(name, manifest) for *_, name, manifest in candidates]
+
+    def latest_step(self) -> int | None:
+        """The step :meth:`newest_first`'s first checkpoint with a readable manifest
+        was saved at (what ``load_latest`` returns unless a data file of it is damaged);
+        ``None`` when there is none. Reads manifests only, never a data file."""
+        for name, manifest in self.newest_first():
+            try:
+                return (manifest or self.read_manifest(name))["step"]
+            except (CheckpointCorruptedError, FileNotFoundError):
+                continue  # damaged, or deleted by retention since it was listed
+        return None
+
+    def similar_runs(self, run_id: str) -> list[str]:
+        """When this run has no checkpoint, the ids of runs beside it in the registry
+        that have checkpoints and a name close to ``run_id``, closest first: a typo,
+        probably. Runs whose names differ from it only in digits (``run-1`` beside a new
+        ``run-3``) are siblings of a sweep, not typos, and are left out. ``[]`` when the
+        run has checkpoints, when none is close, or when the registry cannot be listed."""
+        registry = self.storage.dirname(self.storage.dirname(self.path))
+        try:
+            if _has_checkpoints(self.storage, self.path):
+                return []
+            others = [
+                e
+                for e in self.storage.listdir(registry)
+                if e != run_id and _without_digits(e) != _without_digits(run_id)
+            ]
+            close = difflib.get_close_matches(run_id, others, n=10, cutoff=0.6)
+            runs = [
+                r
+                for r in close
+                if _has_checkpoints(
+                    self.storage, checkpoints_dir(self.storage, self.storage.join(registry, r))
+                )
+            ]
+        except OSError as e:  # only a hint: never worth failing a load
+            logger.debug("Could not look for runs named like %r in %s: %s", run_id, registry, e)
+            return []
+        return runs[:3]
 
     def find_step(self, step: int) -> str | None:
         """The path of the committed checkpoint of ``step``: the numbered one, else

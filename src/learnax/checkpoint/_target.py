@@ -7,6 +7,11 @@ its path. Arrays land where the target's leaves live: a ``jax.Array`` or a
 ``jax.ShapeDtypeStruct`` with a sharding gives a jax array on that sharding, a numpy
 leaf gives numpy. Only the arrays the target needs are read, so a target that is a
 part of the saved tree (just ``params``) reads just that part.
+
+A dtype that differs from the target's raises, unless the caller allowed a cast
+(``allow_cast=True``): then a numeric array is cast to the target's dtype on the host,
+before it goes to a device, as numpy's ``astype`` does it (ml_dtypes' for bfloat16 and
+float8), within the casts :func:`cast_allowed` admits.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ def restore_into_target(
     target: Any,
     read_nodes: Callable[[list[_tree.Node]], list[Any]],
     reader: RegionReader,
+    *,
+    allow_cast: bool = False,
 ) -> Any:
     """Build a pytree shaped like ``target`` from the stored ``tree``.
 
@@ -47,7 +54,7 @@ def restore_into_target(
     one batch, so that the reads run in parallel). A leaf whose sharding spans several
     processes is read piece by piece through ``reader``: each process reads only the
     parts its own devices hold. Raises ``ValueError`` naming the leaf path on any
-    mismatch.
+    mismatch, of dtype too unless ``allow_cast`` and :func:`cast_allowed` admit it.
     """
     saved, inner = _tree.index_tree(tree)
     flat, treedef = jtu.tree_flatten_with_path(target)
@@ -61,16 +68,16 @@ def restore_into_target(
         if name is None:
             whole.append(i)
         else:
-            leaves[i] = _read_spanning(reader, name, like, _tree.keystr(path))
+            leaves[i] = _read_spanning(reader, name, like, _tree.keystr(path), allow_cast)
     values = read_nodes([nodes[i] for i in whole])
     to_device: list[tuple[int, Any, Any]] = []  # (leaf index, host array, sharding)
     for i, value in zip(whole, values, strict=True):
         path, like = flat[i]
         if isinstance(like, (jax.Array, jax.ShapeDtypeStruct)):
-            host = _host_for(value, like, _tree.keystr(path))
+            host = _host_for(value, like, _tree.keystr(path), allow_cast)
             to_device.append((i, host, getattr(like, "sharding", None)))
         else:
-            leaves[i] = _as_target_leaf(value, like, _tree.keystr(path))
+            leaves[i] = _as_target_leaf(value, like, _tree.keystr(path), allow_cast)
     for i, array in _device_put_all(to_device):
         leaves[i] = array
     return jtu.tree_unflatten(treedef, leaves)
@@ -114,33 +121,34 @@ def _spanning_array(node: Any, like: Any, reader: RegionReader) -> str | None:
     return name if reader.info(name)[2] == "array" else None
 
 
-def _read_spanning(reader: RegionReader, name: str, like: Any, where: str) -> jax.Array:
+def _read_spanning(
+    reader: RegionReader, name: str, like: Any, where: str, allow_cast: bool
+) -> jax.Array:
     dtype, shape, _ = reader.info(name)
     if shape != tuple(like.shape):
         raise ValueError(
             f"Leaf at {where}: shape {shape} in the checkpoint, {tuple(like.shape)} in the target"
         )
-    if dtype != np.dtype(like.dtype):
-        raise ValueError(
-            f"Leaf at {where}: dtype {dtype} in the checkpoint, {np.dtype(like.dtype)} in the target"
-        )
+    wanted = np.dtype(like.dtype)
+    if dtype != wanted:
+        _check_cast(dtype, wanted, where, allow_cast)
     pieces: dict[Any, np.ndarray] = {}
 
     def piece(index: tuple[slice, ...]) -> np.ndarray:
         # Devices holding the same part (replicas) share one read.
         key = tuple(s.indices(d)[:2] for s, d in zip(index, shape, strict=True))
         if key not in pieces:
-            pieces[key] = reader.read_region(name, index)
+            pieces[key] = _cast(reader.read_region(name, index), wanted, where)
         return pieces[key]
 
     return jax.make_array_from_callback(shape, like.sharding, piece)
 
 
-def _as_target_leaf(value: Any, like: Any, where: str) -> Any:
+def _as_target_leaf(value: Any, like: Any, where: str, allow_cast: bool) -> Any:
     if isinstance(like, (jax.Array, jax.ShapeDtypeStruct)):
-        return _to_jax(value, like, where)
+        return _to_jax(value, like, where, allow_cast)
     if isinstance(like, (np.ndarray, np.generic)):
-        arr = _checked_array(value, like.shape, np.dtype(like.dtype), where)
+        arr = _checked_array(value, like.shape, np.dtype(like.dtype), where, allow_cast)
         return arr[()] if isinstance(like, np.generic) else arr
     if isinstance(like, (bool, int, float, complex)):
         if isinstance(value, (np.ndarray, np.generic)) and np.shape(value) == ():
@@ -162,15 +170,16 @@ def _as_target_leaf(value: Any, like: Any, where: str) -> Any:
     return value
 
 
-def _to_jax(value: Any, like: Any, where: str) -> jax.Array:
+def _to_jax(value: Any, like: Any, where: str, allow_cast: bool) -> jax.Array:
     sharding = getattr(like, "sharding", None)
-    host = _host_for(value, like, where)
+    host = _host_for(value, like, where, allow_cast)
     return jax.device_put(host, sharding) if sharding is not None else jax.device_put(host)
 
 
-def _host_for(value: Any, like: Any, where: str) -> Any:
-    """What goes to the device for target leaf ``like``: the checked host array (a
-    weak-typed one where the target's is weak), or the key array of a typed key."""
+def _host_for(value: Any, like: Any, where: str, allow_cast: bool) -> Any:
+    """What goes to the device for target leaf ``like``: the checked host array (cast
+    to its dtype where allowed; a weak-typed one where the target's is weak), or the
+    key array of a typed key (never cast)."""
     dtype = like.dtype
     is_key = jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
     if is_key:
@@ -184,18 +193,23 @@ def _host_for(value: Any, like: Any, where: str) -> Any:
             )
         host = value
     else:
-        host = _checked_array(value, tuple(like.shape), np.dtype(dtype), where)
+        host = _checked_array(value, tuple(like.shape), np.dtype(dtype), where, allow_cast)
     convert_weak = _weak_converter() if getattr(like, "weak_type", False) else None
     if convert_weak is not None and not is_key:
         host = convert_weak(host, weak_type=True)
     return host
 
 
-def _checked_array(value: Any, shape: tuple[int, ...], dtype: np.dtype, where: str) -> np.ndarray:
+def _checked_array(
+    value: Any, shape: tuple[int, ...], dtype: np.dtype, where: str, allow_cast: bool = False
+) -> np.ndarray:
     if isinstance(value, (bool, int, float, complex)):
         # A Python scalar saved where the target now has a 0-d array (a step counter).
         arr = np.asarray(value)
-        if shape != () or not np.can_cast(arr, dtype, casting="same_kind"):
+        castable = np.can_cast(arr, dtype, casting="same_kind") or (
+            allow_cast and cast_allowed(arr.dtype, dtype)
+        )
+        if shape != () or not castable:
             raise ValueError(
                 f"Leaf at {where}: the checkpoint has {value!r}, the target a {dtype}{list(shape)} array"
             )
@@ -210,10 +224,62 @@ def _checked_array(value: Any, shape: tuple[int, ...], dtype: np.dtype, where: s
             f"Leaf at {where}: shape {arr.shape} in the checkpoint, {tuple(shape)} in the target"
         )
     if arr.dtype != dtype:
-        raise ValueError(
-            f"Leaf at {where}: dtype {arr.dtype} in the checkpoint, {dtype} in the target"
-        )
+        _check_cast(arr.dtype, dtype, where, allow_cast)
+        return _cast(arr, dtype, where)
     return arr
+
+
+def cast_allowed(source: np.dtype, dest: np.dtype) -> bool:
+    """Whether ``allow_cast=True`` may restore an array of dtype ``source`` into a
+    target leaf of dtype ``dest``: numbers to a kind that holds them, integer to
+    integer, integer to floating, floating to floating (bfloat16 and float8 included),
+    any of these to complex. Never ``bool`` either way (a mask is not a number), never
+    floating or complex to integer or complex to real (that drops a part of every
+    value), never a PRNG key (its bits are not a number)."""
+    rank = {kind: i for i, kind in enumerate(_NUMERIC_KINDS)}
+    a, b = _numeric_kind(source), _numeric_kind(dest)
+    return a is not None and b is not None and rank[a] <= rank[b]
+
+
+_NUMERIC_KINDS = ("integer", "floating", "complexfloating")
+
+
+def _numeric_kind(dtype: np.dtype) -> str | None:
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or dtype == np.bool_:
+        return None
+    return next((k for k in _NUMERIC_KINDS if jax.dtypes.issubdtype(dtype, getattr(np, k))), None)
+
+
+def _check_cast(source: np.dtype, dest: np.dtype, where: str, allow_cast: bool) -> None:
+    """Raise ``ValueError`` naming the leaf unless a cast from ``source`` to ``dest``
+    was asked for and is one :func:`cast_allowed` admits."""
+    if not allow_cast:
+        raise ValueError(
+            f"Leaf at {where}: dtype {source} in the checkpoint, {dest} in the target "
+            "(pass allow_cast=True to cast it)"
+        )
+    if not cast_allowed(source, dest):
+        raise ValueError(
+            f"Leaf at {where}: dtype {source} in the checkpoint, {dest} in the target: "
+            "allow_cast casts numbers between integer, floating and complex types toward "
+            "the wider kind only, never bool or PRNG keys"
+        )
+
+
+def _cast(arr: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
+    """``arr`` as ``dtype``; an integer too large for a narrower integer dtype raises
+    rather than wrapping around."""
+    if arr.dtype == dtype:
+        return arr
+    if jax.dtypes.issubdtype(dtype, np.integer) and arr.size:
+        info = np.iinfo(dtype)
+        low, high = arr.min(), arr.max()
+        if low < info.min or high > info.max:
+            raise ValueError(
+                f"Leaf at {where}: values from {low} to {high} in the checkpoint do not "
+                f"fit the target's {dtype}"
+            )
+    return arr.astype(dtype)
 
 
 def _describe(value: Any) -> str:

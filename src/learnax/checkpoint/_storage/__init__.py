@@ -45,9 +45,33 @@ def open_storage(path: str, storage_options: dict[str, Any] | None = None) -> tu
         # The fsspec package itself: an absolute import, never this package's .fsspec.
         import fsspec
     except ImportError:
-        raise ImportError(
-            f"Checkpoints at {path!r} need fsspec and the filesystem's package: "
-            "pip install 'learnax[s3]' (s3fs) or 'learnax[gcs]' (gcsfs)."
-        ) from None
-    fs, _ = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        raise ImportError(_missing_packages(path, "fsspec")) from None
+    try:
+        fs, _ = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    except ImportError as e:  # fsspec is there, the filesystem's package is not
+        raise ImportError(f"{_missing_packages(path, e.name)} ({e})") from None
     return FsspecStorage(fs), path.rstrip("/")
+
+
+# The extra that installs fsspec with the package of a protocol's filesystem.
+_EXTRAS = {
+    "s3": ("s3", "s3fs"),
+    "s3a": ("s3", "s3fs"),
+    "gs": ("gcs", "gcsfs"),
+    "gcs": ("gcs", "gcsfs"),
+}
+
+
+def _missing_packages(path: str, missing: str | None) -> str:
+    """What to install for the URL ``path`` when the import of ``missing`` failed: the
+    extra of its protocol (``s3://``: ``learnax[s3]``), or else fsspec itself, whose own
+    filesystems (``memory://``, ``file://``...) need nothing more."""
+    protocol = path.split("://", 1)[0].lower()
+    if protocol in _EXTRAS:
+        extra, package = _EXTRAS[protocol]
+        return f"Checkpoints at {path!r} need fsspec and {package}: pip install 'learnax[{extra}]'"
+    if missing == "fsspec":
+        return f"Checkpoints at {path!r} need fsspec, which is not installed: pip install fsspec"
+    return f"Checkpoints at {path!r} need the package of fsspec's {protocol}:// filesystem" + (
+        f": pip install {missing}" if missing else ""
+    )
