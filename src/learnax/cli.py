@@ -41,6 +41,7 @@ from learnax.checkpoint import (
     metric_history,
     prune,
     read_info,
+    read_metric_history,
     verify,
 )
 
@@ -163,10 +164,11 @@ def _add_prune(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def _add_plot(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
-    plot = add_parser("plot", help="a metric of every checkpoint against its step")
+    plot = add_parser("plot", help="a metric of a run against the step, every report")
     plot.add_argument("path", help="a run (<registry>/<run_id>)")
     plot.add_argument("--metric", required=True, help='e.g. "val/loss"')
-    plot.add_argument("-o", "--output", required=True, help="the PNG file to write")
+    plot.add_argument("-o", "--output", help="the PNG file to write (required without --json)")
+    plot.add_argument("--json", action="store_true", help="print the series as JSON")
     plot.add_argument(
         "--maximize",
         action="store_true",
@@ -238,8 +240,24 @@ def cmd_ls(args: argparse.Namespace) -> int:
             ]
             for r in rows
         ]
-        listing = {"path": path, "checkpoints": rows, "legacy_pickles": pickles}
-        return _listing(args, listing, headers, cells, "checkpoints", _pickles_note(pickles))
+        history = _history_summary(read_metric_history(path, storage_options=args.storage_options))
+        listing = {
+            "path": path,
+            "checkpoints": rows,
+            "legacy_pickles": pickles,
+            "history": history,
+        }
+        status = _listing(args, listing, headers, cells, "checkpoints", _pickles_note(pickles))
+        if history is not None and not args.json:
+            last = history["last_metrics"]
+            print(
+                f"metric history: {history['reports']} report(s), steps "
+                f"{history['first_step']}-{history['last_step']}, {history['saves']} save(s); "
+                f"last at step {last['step']}: {_metrics(last['metrics']) or '-'}"
+                if last is not None
+                else f"metric history: {history['saves']} save(s), no reports"
+            )
+        return status
     rows = [_run_row(r) for r in list_runs(path, storage_options=args.storage_options)]
     headers = ["run", "checkpoints", "newest step", "best", "size", "last write"]
     cells = [
@@ -301,6 +319,22 @@ def _checkpoint_row(c: CheckpointSummary) -> dict[str, Any]:
         "status": c.status,
     }
     return row if c.problem is None else {**row, "problem": c.problem}
+
+
+def _history_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """How many reports and saves a run's metric history holds, and the last report."""
+    if not records:
+        return None
+    reports = [r for r in records if "metrics" in r]
+    return {
+        "reports": len(reports),
+        "saves": len(records) - len(reports),
+        "first_step": records[0]["step"],
+        "last_step": records[-1]["step"],
+        "last_metrics": (
+            {"step": reports[-1]["step"], "metrics": reports[-1]["metrics"]} if reports else None
+        ),
+    }
 
 
 def _run_row(r: RunSummary) -> dict[str, Any]:
@@ -495,6 +529,25 @@ def cmd_plot(args: argparse.Namespace) -> int:
     kind, path = _open(args, args.path)
     if kind != "run":
         raise UsageError(f"{path} is not a run (<registry>/<run_id>)")
+    if not args.json and not args.output:
+        raise UsageError("plot needs -o FILE.png (or --json to print the series)")
+    history = metric_history(
+        path, args.metric, maximize=args.maximize, storage_options=args.storage_options
+    )
+    steps, values = list(history.points), list(history.points.values())
+    best = (history.best_step, history.best_value)
+    if args.json:
+        _print_json(
+            {
+                "path": path,
+                "metric": args.metric,
+                "source": history.source,
+                "maximize": history.maximize,
+                "points": [[s, v] for s, v in history.points.items()],
+                "best": {"step": best[0], "value": best[1]},
+            }
+        )
+        return 0
     try:
         import matplotlib
 
@@ -502,11 +555,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError('plot needs matplotlib: pip install "learnax[plot]"') from None
-    history = metric_history(
-        path, args.metric, maximize=args.maximize, storage_options=args.storage_options
-    )
-    steps, values = list(history.points), list(history.points.values())
-    best = (history.best_step, history.best_value)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(steps, values, marker="o", markersize=3, linewidth=1.5, label=args.metric)
     ax.scatter(
@@ -526,9 +574,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     fig.tight_layout()
     fig.savefig(args.output, format="png")
     plt.close(fig)
-    print(
-        f"wrote {args.output} ({len(steps)} checkpoints, best {_number(best[1])} at step {best[0]})"
-    )
+    what = "reports" if history.source == "history" else "checkpoints"
+    print(f"wrote {args.output} ({len(steps)} {what}, best {_number(best[1])} at step {best[0]})")
     return 0
 
 

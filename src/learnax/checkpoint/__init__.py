@@ -35,6 +35,7 @@ from ._inspect import (
     metric_history,
     prune,
     read_info,
+    read_metric_history,
 )
 from ._verify import verify
 
@@ -61,5 +62,6 @@ __all__ = [
     "metric_history",
     "prune",
     "read_info",
+    "read_metric_history",
     "verify",
 ]
