@@ -134,20 +134,32 @@ def _segments(storage: Storage, directory: str) -> list[str]:
     return sorted(name for name in storage.listdir(directory) if _SEGMENT.match(name))
 
 
-def _parse(data: bytes, where: str) -> list[dict[str, Any]]:
+def _parse(
+    data: bytes, where: str, lines_of: dict[int, bytes] | None = None
+) -> list[dict[str, Any]]:
     """The records of one segment; a torn last line (a write in progress or cut by a
-    crash) and lines that are not records are skipped."""
+    crash) and lines that are not records are skipped. With ``lines_of``, each
+    record's line is put there under the record's ``id`` (compaction writes it back)."""
+    lines = data.split(b"\n")[:-1]  # the last piece has no newline: torn, or empty
+    try:  # all lines at once: one call of the decoder instead of one a line
+        values = json.loads(b"[" + b",".join(lines) + b"]") if lines else []
+    except ValueError:
+        values = [_loads_or_none(line, where) for line in lines]
     records = []
-    lines = data.split(b"\n")
-    for line in lines[:-1]:  # the last piece has no newline: torn, or empty
-        try:
-            record = json.loads(line)
-        except ValueError:
-            logger.debug("%s: skipping a line that is not JSON", where)
-            continue
-        if _is_record(record):
-            records.append(record)
+    for value, line in zip(values, lines, strict=True):
+        if _is_record(value):
+            records.append(value)
+            if lines_of is not None:
+                lines_of[id(value)] = line + b"\n"
     return records
+
+
+def _loads_or_none(line: bytes, where: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        logger.debug("%s: skipping a line that is not JSON", where)
+        return None
 
 
 def _is_record(record: Any) -> bool:
@@ -161,10 +173,12 @@ def _is_record(record: Any) -> bool:
     return isinstance(metrics, dict) or isinstance(record.get("saved"), str)
 
 
-def read_records(storage: Storage, directory: str) -> tuple[list[dict[str, Any]], list[str]]:
+def read_records(
+    storage: Storage, directory: str, lines_of: dict[int, bytes] | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
     """Every record of every segment in ``directory`` (duplicates included) and the
-    segments read. A segment removed while it was listed (a compaction committed
-    meanwhile) makes the listing start again."""
+    segments read (``lines_of``: as for :func:`_parse`). A segment removed while it was
+    listed (a compaction committed meanwhile) makes the listing start again."""
     for _ in range(5):
         names = _segments(storage, directory)
         records: list[dict[str, Any]] = []
@@ -172,7 +186,7 @@ def read_records(storage: Storage, directory: str) -> tuple[list[dict[str, Any]]
         for name in names:
             path = storage.join(directory, name)
             try:
-                records.extend(_parse(storage.read_bytes(path, _READ_LIMIT), path))
+                records.extend(_parse(storage.read_bytes(path, _READ_LIMIT), path, lines_of))
             except FileNotFoundError:
                 vanished = True
                 break
@@ -228,15 +242,19 @@ def _line(record: dict[str, Any]) -> bytes:
     return json.dumps(record, separators=(",", ":"), allow_nan=False).encode() + b"\n"
 
 
-def thin(records: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+def thin(
+    records: list[dict[str, Any]], budget: int, lines_of: dict[int, bytes] | None = None
+) -> list[dict[str, Any]]:
     """``records`` (a timeline) cut down to at most ``budget`` bytes of lines where it
     can be. Reports are grouped by kind (the same set of metric names); the group with
     the most records (and any at least half its size) has its oldest half thinned to
-    every other record, and again until it fits: a metric reported every step gives way before one reported every
-    hundred steps, and recent reports are kept whole. The first record of each
-    session and the last record are kept; records of saves are thinned alike only when
-    reports alone cannot make it fit."""
-    sizes = [len(_line(r)) for r in records]
+    every other record, and again until it fits: a metric reported every step gives
+    way before one reported every hundred steps, and recent reports are kept whole.
+    The first record of each session and the last record are kept; records of saves
+    are thinned alike only when reports alone cannot make it fit. ``lines_of`` holds
+    the stored line of a record by its ``id`` where known (else it is encoded)."""
+    lines_of = lines_of or {}
+    sizes = [len(lines_of.get(id(r)) or _line(r)) for r in records]
     total = sum(sizes)
     keep = [True] * len(records)
     protected = {len(records) - 1} if records else set()
@@ -246,30 +264,34 @@ def thin(records: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
         if j is None or r["n"] < records[j]["n"]:
             first[r["session"]] = i
     protected |= set(first.values())
+    reports: dict[Any, list[int]] = collections.defaultdict(list)
+    saved: dict[Any, list[int]] = collections.defaultdict(list)
+    for i, r in enumerate(records):
+        if i in protected:
+            continue
+        if "metrics" in r:
+            reports[tuple(sorted(r["metrics"]))].append(i)
+        else:
+            saved[r["saved"]].append(i)
+    groups = list(reports.values())
     saves_too = False
     while total > budget:
-        groups: dict[Any, list[int]] = collections.defaultdict(list)
-        for i, r in enumerate(records):
-            if not keep[i] or i in protected:
-                continue
-            if "metrics" in r:
-                groups[tuple(sorted(r["metrics"]))].append(i)
-            elif saves_too:
-                groups[("saved", r["saved"])].append(i)
         # The largest group, and those at least half its size (so that many kinds of
         # the same frequency shrink together, in few passes).
-        largest = max(map(len, groups.values()), default=0)
-        for members in groups.values():
+        largest = max(map(len, groups), default=0)
+        for g, members in enumerate(groups):
             if 2 * len(members) < largest:
                 continue
-            oldest = members[: (len(members) + 1) // 2]
-            for i in oldest[1::2]:
+            half = (len(members) + 1) // 2
+            for i in members[1:half:2]:
                 keep[i] = False
                 total -= sizes[i]
+            groups[g] = members[:half:2] + members[half:]
         if largest < 3:  # nothing left to thin among these
             if saves_too:
                 break
             saves_too = True
+            groups += list(saved.values())
     return [r for r, k in zip(records, keep, strict=True) if k]
 
 
@@ -488,9 +510,10 @@ class HistoryWriter:
         """Merge every segment into one, thinned to half the bound, written before the
         old ones are removed (a reader sees both meanwhile: records are deduplicated by
         ``(session, n)``)."""
-        records, names = read_records(self._storage, self._dir)
-        kept = thin(timeline(records), self._max_bytes // 2)
-        data = b"".join(_line(r) for r in kept)
+        lines_of: dict[int, bytes] = {}
+        records, names = read_records(self._storage, self._dir, lines_of)
+        kept = thin(timeline(records), self._max_bytes // 2, lines_of)
+        data = b"".join(lines_of.get(id(r)) or _line(r) for r in kept)
         session = max([int(n[:8]) for n in names] + [self._session or 0])
         name = f"{session:08d}-{uuid.uuid4().hex[:8]}.jsonl"
         self._storage.replace_atomic(self._storage.join(self._dir, name), data, _TMP_PREFIX + name)
