@@ -341,6 +341,24 @@ def test_a_history_that_cannot_be_written_never_fails_training(make_checkpointer
     assert len(errors) == 1, [r.getMessage() for r in errors]
 
 
+def test_after_a_failure_reports_wait_for_the_next_commit_and_are_written_then(
+    make_checkpointer, registry
+):
+    os.makedirs(os.path.join(registry, "run"))
+    blocker = Path(registry, "run", "history")
+    blocker.write_text("not a directory")
+    ckpt = make_checkpointer(save_every=10, checkpoint_every=None)
+    for step in range(1, 10):
+        ckpt.maybe_save_checkpoints(small_state(), step, {"loss": float(step)})
+    blocker.unlink()  # storage is back
+    for step in range(10, 13):
+        ckpt.maybe_save_checkpoints(small_state(), step, {"loss": float(step)})
+    history = ckpt.metric_history()
+    # Step 1's report met the failure; the others waited in memory for the commit at 10.
+    assert reports(history, "loss") == [(s, float(s)) for s in range(2, 13)]
+    assert saves(history) == [(10, "latest")]
+
+
 def test_a_writer_that_is_not_process_0_writes_nothing(tmp_path):
     storage = _history.LocalStorage()
     run = str(tmp_path / "run")

@@ -57,7 +57,7 @@ MAX_BYTES = 16 << 20  # default bound of a run's history on storage
 _MAX_SEGMENTS = 32  # more segments than this are compacted into one
 _FLUSH_BYTES = 256 << 10  # object stores: records kept in memory before a segment is written
 _READ_LIMIT = 1 << 30  # a segment larger than this is not one learnax wrote
-_MAX_QUEUED = 100_000  # reports waiting for the device before they are waited for
+_MAX_QUEUED = 10_000  # reports queued (for the device, or after a failure) at most
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
@@ -305,7 +305,9 @@ class HistoryWriter:
     (values not computed yet stay queued), nor for a save in the background (when
     that thread holds the lock, the report stays queued for the next call).
     ``committed`` and ``close`` write what is queued and make it durable. An I/O
-    failure is logged once and never raised: the history must not fail training.
+    failure is logged once and never raised: the history must not fail training; after
+    one, reports only queue (the oldest dropped beyond ``_MAX_QUEUED``) until the next
+    commit tries again, so that a storage that refuses costs no request per step.
     Only a writer made with ``enabled`` (process 0 of a multi-host run) writes.
     """
 
@@ -327,7 +329,8 @@ class HistoryWriter:
         self._bytes = 0  # on storage, as far as this writer knows
         self._segments = 0
         self._max_bytes = max_bytes()
-        self._failed = False
+        self._failed = False  # the last write failed: reports only queue until a commit
+        self._logged = False  # a failure was logged (once)
         self._skipped: set[str] = set()
 
     # The training thread.
@@ -337,6 +340,10 @@ class HistoryWriter:
         if not self._enabled or not isinstance(metrics, Mapping):
             return  # not a dict: a save that is due says so (encode_metrics)
         self._queue.append((step, round(time.time(), 3), dict(metrics)))
+        if self._failed:  # storage failed: tried again at the next commit, not every step
+            if len(self._queue) > _MAX_QUEUED:
+                self._queue.popleft()
+            return
         if self._lock.acquire(blocking=False):
             try:
                 self._guarded(self._drain, len(self._queue) > _MAX_QUEUED)
@@ -384,18 +391,19 @@ class HistoryWriter:
         try:
             work(*args)
         except OSError as e:
-            (logger.debug if self._failed else logger.error)(
+            (logger.debug if self._logged else logger.error)(
                 "Cannot write the metric history in %s: %s. Training and saves go on; "
-                "reports are dropped until it can be written.",
+                "the history is tried again at the next checkpoint commit.",
                 self._dir,
                 e,
             )
-            self._failed = True
+            self._logged = self._failed = True
             self._buffer.clear()
             self._buffered = 0
             self._close_fd()
 
     def _commit(self, name: str, step: int) -> None:
+        self._failed = False
         self._drain(True)
         self._add({"step": step, "time": round(time.time(), 3), "saved": name})
         self._sync()
@@ -403,6 +411,7 @@ class HistoryWriter:
             self._compact()
 
     def _close(self) -> None:
+        self._failed = False
         self._drain(True)
         self._sync()
         self._close_fd()
