@@ -562,3 +562,30 @@ def test_ls_of_a_run_sums_up_its_history(run_of_600_steps):
         "last_step": 600,
         "last_metrics": {"step": 600, "metrics": {"val/loss": 1600.0}},
     }
+
+
+ENDS_WITHOUT_CLOSE = """
+import json, sys
+from helpers import small_state
+from learnax.checkpoint import Checkpointer
+
+ckpt = Checkpointer(sys.argv[1], "run", save_every=None, checkpoint_every=None,
+                    storage_options=json.loads(sys.argv[2]))
+for step in range(1, 6):
+    ckpt.maybe_save_checkpoints(small_state(), step, {"loss": float(step)})
+# The program ends: no commit, no close().
+"""
+
+
+def test_on_s3_a_program_that_ends_without_close_keeps_its_reports(s3_registry):
+    url, options, _ = s3_registry
+    done = subprocess.run(
+        [sys.executable, "-c", ENDS_WITHOUT_CLOSE, url, json.dumps(options)],
+        capture_output=True,
+        text=True,
+        env=env_with_sources(),
+        timeout=CHILD_TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    history = read_metric_history(f"{url}/run", storage_options=options)
+    assert reports(history, "loss") == [(s, float(s)) for s in range(1, 6)]

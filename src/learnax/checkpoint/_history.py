@@ -30,6 +30,7 @@ first record's step): what a crash and a resume from an earlier checkpoint aband
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import json
@@ -40,6 +41,7 @@ import re
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -298,6 +300,26 @@ def thin(
 # --------------------------------------------------------------------------- writing
 
 
+# Writers with records that may not be on storage yet: written at exit (a run that ends
+# without close() keeps the reports it made since its last commit).
+_OPEN: weakref.WeakSet[HistoryWriter] = weakref.WeakSet()
+
+
+def _close_at_exit() -> None:
+    for writer in list(_OPEN):
+        writer.close()
+
+
+# Before the thread pools stop taking work, which fsspec's object stores need to write
+# (threading's exit callbacks run before atexit's, the last registered first); where
+# that hook does not exist, at exit.
+getattr(threading, "_register_atexit", atexit.register)(_close_at_exit)
+
+
+# A forked child (a data loader's worker) writes none of its parent's records.
+os.register_at_fork(after_in_child=_OPEN.clear)
+
+
 class HistoryWriter:
     """Appends one Checkpointer's reports and saves to its run's history.
 
@@ -340,6 +362,8 @@ class HistoryWriter:
         if not self._enabled or not isinstance(metrics, Mapping):
             return  # not a dict: a save that is due says so (encode_metrics)
         self._queue.append((step, round(time.time(), 3), dict(metrics)))
+        if len(self._queue) == 1:
+            _OPEN.add(self)
         if self._failed:  # storage failed: tried again at the next commit, not every step
             if len(self._queue) > _MAX_QUEUED:
                 self._queue.popleft()
