@@ -254,7 +254,7 @@ class Checkpointer:
         ```
         """
         step = _policy.as_step(step)
-        if metrics:
+        if metrics is not None:
             self._history.report(step, metrics)
         preempted = self._preemption is not None and self._preemption_due(step)
         writes = self._due_writes(step, metrics, preempted)
@@ -338,7 +338,7 @@ class Checkpointer:
         """
         step = _policy.step_of(train_state, step)
         encoded = encode_metrics(metrics)
-        if metrics:
+        if metrics is not None:
             self._history.report(step, metrics)
         name = _name(check_suffix(suffix, saving=True)) if suffix is not None else None
         if name == _name(BEST) or (name is None and is_best):

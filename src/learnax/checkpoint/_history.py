@@ -359,7 +359,7 @@ class HistoryWriter:
 
     def report(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Queue ``metrics`` reported at ``step`` and write what is ready."""
-        if not self._enabled or not isinstance(metrics, Mapping):
+        if not self._enabled or not isinstance(metrics, Mapping) or not metrics:
             return  # not a dict: a save that is due says so (encode_metrics)
         self._queue.append((step, round(time.time(), 3), dict(metrics)))
         if len(self._queue) == 1:
