@@ -18,6 +18,7 @@ import threading
 import uuid
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -131,6 +132,70 @@ def test_values_keep_their_json_types_and_non_finite_floats_come_back(make_check
     text = (Path(ckpt.registry_path) / "run" / "history" / segment).read_text()
     for line in text.splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+
+def test_a_jax_value_is_written_once_computed_never_waited_for_on_its_step(
+    make_checkpointer, registry
+):
+    @jax.jit
+    def slow_loss(x):
+        for _ in range(12):
+            x = jnp.tanh(x @ x)
+        return x.sum()
+
+    x = jnp.full((512, 512), 1e-3)
+    slow_loss(x).block_until_ready()  # compiled
+    ckpt = make_checkpointer(save_every=None, checkpoint_every=None)
+    ckpt.maybe_save_checkpoints(small_state(), 1, {"loss": 1.0})
+    loss = slow_loss(x)
+    if loss.is_ready():
+        pytest.skip("the device finished before the step reported it")
+    ckpt.maybe_save_checkpoints(small_state(), 2, {"loss": loss})
+    if loss.is_ready():
+        pytest.skip("the device finished while the step reported it")
+    # Not computed when the step returned: so the step did not wait for it, and it is
+    # not written yet.
+    (segment,) = history_files(registry)
+    written = (Path(registry) / "run" / "history" / segment).read_text()
+    assert [json.loads(line)["step"] for line in written.splitlines()] == [1]
+    ckpt.close()
+    assert reports(ckpt.metric_history(), "loss") == [(1, 1.0), (2, float(loss))]
+
+
+class ComputedLater:
+    """A 0-d value the way the writer sees a jax array still being computed (the
+    device's timing made deterministic): ``is_ready()`` is False until ``finish()``."""
+
+    shape = ()
+
+    def __init__(self, value: float) -> None:
+        self.value, self.ready, self.waited = value, False, False
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+    def item(self) -> float:
+        self.waited = not self.ready
+        return self.value
+
+    def finish(self) -> None:
+        self.ready = True
+
+
+def test_reports_wait_in_order_for_values_still_being_computed(make_checkpointer):
+    ckpt = make_checkpointer(save_every=None, checkpoint_every=None)
+    pending = ComputedLater(2.0)
+    ckpt.maybe_save_checkpoints(small_state(), 1, {"loss": 1.0})
+    ckpt.maybe_save_checkpoints(small_state(), 2, {"loss": pending})
+    ckpt.maybe_save_checkpoints(small_state(), 3, {"loss": 3.0})  # queued behind step 2
+    history = read_metric_history(os.path.join(ckpt.registry_path, "run"))
+    assert reports(history, "loss") == [(1, 1.0)]
+    assert not pending.waited
+    pending.finish()
+    ckpt.maybe_save_checkpoints(small_state(), 4, {"loss": 4.0})
+    history = read_metric_history(os.path.join(ckpt.registry_path, "run"))
+    assert reports(history, "loss") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+    assert not pending.waited
 
 
 def test_steps_that_report_nothing_write_nothing(make_checkpointer, registry):
