@@ -702,6 +702,16 @@ def test_maybe_save_checkpoints_agrees_across_processes_on_process_0s_metrics(tm
     latest = ckpt.load_latest()
     assert latest["step"] == 6
     assert_tree_equal(expected_state(seed=6, step=6, scale=16), latest["state"])
+    # The metric history is process 0's alone: its losses, each step once, and its saves.
+    history = ckpt.metric_history()
+    reports = [(r["step"], r["metrics"]) for r in history if "metrics" in r]
+    assert reports == [(step, {"loss": loss}) for step, loss in enumerate(LOSSES[0], 1)]
+    saves = sorted((r["step"], r["saved"]) for r in history if "saved" in r)
+    names = {"latest": "latest", "best": "best"}
+    expected = sorted(
+        (step, names.get(key, str(step))) for step, keys in saved_keys.items() for key in keys
+    )
+    assert saves == expected
 
 
 def test_async_save_on_two_processes(tmp_path):

@@ -68,8 +68,10 @@ def test_keep_best_false_with_metrics_does_not_call_prepare_fn(
     make_checkpointer, registry, prepare
 ):
     ckpt = make_checkpointer(save_every=None, checkpoint_every=None, prepare_fn=prepare)
-    before = tree_listing(registry)
+    before = tree_listing(ckpt.checkpoint_dir)
     for step in range(1, 6):
         ckpt.maybe_save_checkpoints(small_state(), step, {"val/loss": 0.1 / step})
     assert prepare.calls == 0
-    assert tree_listing(registry) == before
+    assert tree_listing(ckpt.checkpoint_dir) == before
+    # The reports themselves are kept, in the run's metric history only.
+    assert [r["step"] for r in ckpt.metric_history()] == [1, 2, 3, 4, 5]

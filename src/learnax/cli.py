@@ -41,6 +41,7 @@ from learnax.checkpoint import (
     metric_history,
     prune,
     read_info,
+    read_metric_history,
     verify,
 )
 
@@ -223,11 +224,11 @@ def _add_prune(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
 
 def _add_plot(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
     plot = add_parser(
-        "plot", help="a metric of every checkpoint against its step, as a PNG or as JSON"
+        "plot", help="a metric of a run against the step (every report), as a PNG or as JSON"
     )
     plot.add_argument("path", help="a run (<registry>/<run_id>)")
     plot.add_argument("--metric", required=True, help='e.g. "val/loss"')
-    plot.add_argument("-o", "--output", help="the PNG file to write")
+    plot.add_argument("-o", "--output", help="the PNG file to write (required without --json)")
     plot.add_argument(
         "--maximize",
         action="store_true",
@@ -302,8 +303,24 @@ def cmd_ls(args: argparse.Namespace) -> int:
             ]
             for r in rows
         ]
-        listing = {"path": path, "checkpoints": rows, "legacy_pickles": pickles}
-        return _listing(args, listing, headers, cells, "checkpoints", _pickles_note(pickles))
+        history = _history_summary(read_metric_history(path, storage_options=args.storage_options))
+        listing = {
+            "path": path,
+            "checkpoints": rows,
+            "legacy_pickles": pickles,
+            "history": history,
+        }
+        status = _listing(args, listing, headers, cells, "checkpoints", _pickles_note(pickles))
+        if history is not None and not args.json:
+            last = history["last_metrics"]
+            print(
+                f"metric history: {history['reports']} report(s), steps "
+                f"{history['first_step']}-{history['last_step']}, {history['saves']} save(s); "
+                f"last at step {last['step']}: {out.metrics(last['metrics']) or '-'}"
+                if last is not None
+                else f"metric history: {history['saves']} save(s), no reports"
+            )
+        return status
     rows = [_run_row(r) for r in list_runs(path, storage_options=args.storage_options)]
     headers = ["run", "checkpoints", "newest step", "best", "size", "last write"]
     cells = [
@@ -365,6 +382,22 @@ def _checkpoint_row(c: CheckpointSummary) -> dict[str, Any]:
         "status": c.status,
     }
     return row if c.problem is None else {**row, "problem": c.problem}
+
+
+def _history_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """How many reports and saves a run's metric history holds, and the last report."""
+    if not records:
+        return None
+    reports = [r for r in records if "metrics" in r]
+    return {
+        "reports": len(reports),
+        "saves": len(records) - len(reports),
+        "first_step": records[0]["step"],
+        "last_step": records[-1]["step"],
+        "last_metrics": (
+            {"step": reports[-1]["step"], "metrics": reports[-1]["metrics"]} if reports else None
+        ),
+    }
 
 
 def _run_row(r: RunSummary) -> dict[str, Any]:
@@ -589,8 +622,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
         out.print_json(series)
     else:
         best = series["best"]
+        what = "reports" if series["source"] == "history" else "checkpoints"
         print(
-            f"wrote {args.output} ({len(series['points'])} checkpoints, "
+            f"wrote {args.output} ({len(series['points'])} {what}, "
             f"best {out.number(best['value'])} at step {best['step']})"
         )
     return EXIT_OK
@@ -598,13 +632,15 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def _plot_series(args: argparse.Namespace, run: str) -> dict[str, Any]:
     """What ``plot`` draws, as ``--json`` prints it: the metric's points by step and the
-    best of them, from :func:`learnax.checkpoint.metric_history` alone."""
+    best of them, from :func:`learnax.checkpoint.metric_history` alone (the run's metric
+    history, or its checkpoints' metrics for a run without one: ``source``)."""
     history = metric_history(
         run, args.metric, maximize=args.maximize, storage_options=args.storage_options
     )
     return {
         "run": run,
         "metric": args.metric,
+        "source": history.source,
         "maximize": history.maximize,
         "points": [{"step": step, "value": value} for step, value in history.points.items()],
         "best": {"step": history.best_step, "value": history.best_value},

@@ -36,6 +36,7 @@ from ._inspect import (
     metric_history,
     prune,
     read_info,
+    read_metric_history,
 )
 from ._verify import verify
 
@@ -70,6 +71,7 @@ __all__ = [
     "metric_history",
     "prune",
     "read_info",
+    "read_metric_history",
     "verify",
 ]
 

@@ -2,7 +2,8 @@
 run's checkpoints. Each public method checks its arguments and hands the work to the
 room that owns it: the save policy (``_policy``), the run directory (``_run``), saving
 and committing (``_save``, ``_multihost``), background saves (``_background``),
-preemption (``_preemption``) and reading (``_read``).
+preemption (``_preemption``), the metric history (``_history``) and reading
+(``_read``).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from . import _legacy, _policy
 from ._background import BackgroundSaves, snapshot
 from ._best import BestTracker
 from ._errors import CheckpointCorruptedError, RunIdWarning
+from ._history import HistoryWriter, read_history
 from ._metrics import encode_metrics
 from ._multihost import Coordinator, is_multihost
 from ._preemption import PreemptionWatch
 from ._read import LoadedCheckpoint, read_checkpoint
-from ._run import BEST, LATEST, RunDirectory, check_run_id, check_suffix
+from ._run import BEST, LATEST, RunDirectory, check_run_id, check_suffix, checkpoint_key
 from ._run import checkpoint_name as _name
 from ._save import PlannedWrite, Saver
 from ._storage import NOT_WRITABLE_ERRNOS, Storage, open_storage
@@ -187,8 +189,18 @@ class Checkpointer:
         )
         k = _policy.check_top_k(keep_top_k, metric_name)
         self._top_k = TopK(self._run, self._coord, k=k, metric_name=metric_name) if k else None
+        # The run's metric history, written by process 0 alone.
+        self._history = HistoryWriter(
+            self._storage,
+            self._storage.join(base, run_id),
+            enabled=self._coord is None or self._coord.leader,
+        )
         self._saver = Saver(
-            self._run, self._coord, on_best=self._best.committed, retain=self._retain
+            self._run,
+            self._coord,
+            on_best=self._best.committed,
+            retain=self._retain,
+            on_commit=self._record_commit,
         )
         _make_checkpoint_dir(self._storage, self.checkpoint_dir, base)
         # Nothing is cleaned up here: a Checkpointer may be an evaluation job's reader
@@ -266,7 +278,9 @@ class Checkpointer:
 
         - `train_state`: the pytree to save.
         - `step`: the current step (a Python int is cheapest).
-        - `metrics`: scalar metrics to store with the checkpoint.
+        - `metrics`: scalar metrics to store with the checkpoint. Every metrics dict
+          given, due or not, is also kept in the run's metric history (see
+          :meth:`metric_history`).
 
         **Returns:** the paths saved, under the keys ``"latest"``, ``"numbered"`` and
         ``"best"`` (only those saved).
@@ -280,6 +294,8 @@ class Checkpointer:
         ```
         """
         step = _policy.as_step(step)
+        if metrics is not None:
+            self._history.report(step, metrics)
         preempted = self._preemption is not None and self._preemption_due(step)
         writes = self._due_writes(step, metrics, preempted)
         if not writes:
@@ -360,7 +376,8 @@ class Checkpointer:
         - `train_state`: the pytree to save (arrays, scalars, dicts, lists, tuples,
           NamedTuples, registered pytree nodes).
         - `step`: the step; ``None`` takes ``train_state.step``.
-        - `metrics`: scalar metrics stored with the checkpoint.
+        - `metrics`: scalar metrics stored with the checkpoint (and kept in the run's
+          metric history).
         - `is_best`: save as ``state_best``.
         - `suffix`: save as ``state_<suffix>`` (wins over ``is_best``).
 
@@ -379,6 +396,8 @@ class Checkpointer:
         """
         step = _policy.step_of(train_state, step)
         encoded = encode_metrics(metrics)
+        if metrics is not None:
+            self._history.report(step, metrics)
         name = _name(check_suffix(suffix, saving=True)) if suffix is not None else None
         if name == _name(BEST) or (name is None and is_best):
             write = self._best.write_by_hand(metrics, encoded, step)
@@ -453,6 +472,9 @@ class Checkpointer:
         self._best.pending = next((w.best_value for w in writes if w.best_value is not None), None)
         return {w.key: self._run.join(w.name) for w in writes}
 
+    def _record_commit(self, name: str, step: int) -> None:
+        self._history.committed(checkpoint_key(name) or name, step)
+
     def _retain(self) -> None:
         top_k = self._top_k
         ranked = None if top_k is None else lambda s: top_k.best_steps(s, self.minimize_metric)
@@ -500,6 +522,7 @@ class Checkpointer:
         try:
             self._background.close()
         finally:  # the last Checkpointer watching SIGTERM puts the program's handler back
+            self._history.close()
             if self._preemption is not None:
                 self._preemption.close()
 
@@ -569,6 +592,35 @@ class Checkpointer:
         ```
         """
         return self._run.latest_step()
+
+    # ----------------------------------------------------------------- history
+
+    def metric_history(self) -> list[dict[str, Any]]:
+        """The run's metric history: every metrics dict reported to
+        :meth:`maybe_save_checkpoints` or :meth:`save_checkpoint`, and every checkpoint
+        committed, as one timeline, whichever process or earlier session wrote it.
+
+        After a resume from an earlier checkpoint, what the abandoned timeline recorded
+        past that checkpoint is left out: each step appears as the run that went on
+        reported it. Long histories are thinned (oldest reports first) to stay within
+        ``LEARNAX_HISTORY_MAX_BYTES`` (16 MiB); see ``docs/format.md``.
+
+        **Arguments:** none.
+
+        **Returns:** a list of records, by step: ``{"step", "time", "metrics",
+        "session", "n"}`` for a report (metrics as given: numbers, strings, booleans,
+        ``None``; NaN and infinities as floats), ``{"step", "time", "saved", "session",
+        "n"}`` for a checkpoint committed (``"saved"``: its name, as
+        :meth:`load_checkpoint` takes it: ``"latest"``, ``"best"``, ``"1000"``).
+
+        **Example:**
+
+        ```python
+        losses = [(r["step"], r["metrics"]["val/loss"])
+                  for r in ckpt.metric_history() if "val/loss" in r.get("metrics", {})]
+        ```
+        """
+        return read_history(self._storage, self.checkpoint_dir, self._history.unwritten())
 
     # ----------------------------------------------------------------- loading
 
@@ -654,9 +706,13 @@ class Checkpointer:
         return self._found(self._load("best", target, allow_pickle, allow_cast))
 
     def _found(self, loaded: LoadedCheckpoint | None) -> LoadedCheckpoint | None:
-        """``loaded``; when it is ``None``, first the warning of a likely mistyped run id."""
+        """``loaded``; when it is ``None``, first the warning of a likely mistyped run id.
+        The metric history continues from a loaded checkpoint's step: what an earlier
+        session recorded past it is superseded (see :meth:`metric_history`)."""
         if loaded is None:
             self._warn_if_mistyped()
+        elif isinstance(loaded.get("step"), int):
+            self._history.resumed(loaded["step"])
         return loaded
 
     def _warn_if_mistyped(self, stacklevel: int = 4) -> None:

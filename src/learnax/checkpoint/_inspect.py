@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from . import _tree
 from ._dtypes import ITEMSIZES
 from ._errors import CheckpointCorruptedError
+from ._history import read_history
 from ._manifest import MANIFEST, checked_array_entry, read_manifest
 from ._metrics import decode_metrics
 from ._policy import retention_victims
@@ -362,18 +363,49 @@ def _files_problem(storage: Storage, path: str) -> str | None:
 # --------------------------------------------------------------------------- metrics
 
 
+def read_metric_history(
+    run: str, *, storage_options: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """The metric history of a run: every metrics dict its Checkpointers were given and
+    every checkpoint they committed, as one timeline (what a resume from an earlier
+    checkpoint abandoned left out), as :meth:`Checkpointer.metric_history` returns it.
+
+    **Arguments:**
+
+    - `run`: ``<registry>/<run_id>`` (a local path or a URL).
+    - `storage_options`: options for the fsspec filesystem of a URL.
+
+    **Returns:** the records by step: ``{"step", "time", "metrics", "session", "n"}``
+    for a report, ``{"step", "time", "saved", "session", "n"}`` for a committed
+    checkpoint; ``[]`` for a run without a history (one saved by learnax before it kept
+    one).
+
+    **Example:**
+
+    ```python
+    reports = [r for r in read_metric_history("runs/mlp") if "metrics" in r]
+    print(len(reports), reports[-1]["metrics"])
+    ```
+    """
+    storage, run = open_storage(str(run), storage_options)
+    return read_history(storage, run)
+
+
 @dataclass(frozen=True)
 class MetricHistory:
-    """A metric across the checkpoints of a run (see :func:`metric_history`).
+    """A metric across a run (see :func:`metric_history`).
 
     **Arguments** (its fields): `points` (step -> value, ascending steps), `best_step`
-    and `best_value` (the best point), `maximize` (whether higher was taken as better).
+    and `best_value` (the best point), `maximize` (whether higher was taken as better),
+    `source` (``"history"``: the run's metric history, every report; ``"checkpoints"``:
+    the metrics stored in its checkpoints, for runs without a history of the metric).
     """
 
     points: dict[int, float]
     best_step: int
     best_value: float
     maximize: bool
+    source: str = "checkpoints"
 
 
 def metric_history(
@@ -383,8 +415,10 @@ def metric_history(
     maximize: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> MetricHistory:
-    """The finite values of ``metric`` in the checkpoints of ``run``, by step, and the
-    best of them: the one ``state_best`` records when it is still the optimum.
+    """The finite values of ``metric`` across ``run``, by step, and the best of them
+    (the one ``state_best`` records when it is still the optimum): every report in
+    the run's metric history, or, for a run without one (saved by an older learnax),
+    the values stored in its checkpoints.
 
     **Arguments:**
 
@@ -393,7 +427,8 @@ def metric_history(
     - `maximize`: higher is better; by default what ``state_best`` says, else lower.
     - `storage_options`: options for the fsspec filesystem of a URL.
 
-    Raises ``ValueError`` when no checkpoint has a finite value of ``metric``.
+    Raises ``ValueError`` when no checkpoint and no report has a finite value of
+    ``metric``.
 
     **Example:** `metric_history("runs/mlp", "val/loss").best_step`
     """
@@ -416,13 +451,32 @@ def metric_history(
         if record is not None and record.metric == metric:
             recorded = (manifest["step"], float(value))
             maximize = maximize or not record.minimize
+    reported = _reported_points(read_history(storage, run), metric)
+    source = "history" if reported else "checkpoints"
+    points = reported or points
     if not points:
-        raise ValueError(f"no checkpoint of {run} has a finite value of {metric!r}")
+        raise ValueError(
+            f"no checkpoint of {run} and no report in its metric history has a finite "
+            f"value of {metric!r}"
+        )
     points = dict(sorted(points.items()))
     optimum = (max if maximize else min)(points.values())
-    if recorded is None or recorded[1] != optimum:
+    if recorded is None or recorded[1] != optimum or points.get(recorded[0]) != optimum:
         recorded = next((s, v) for s, v in points.items() if v == optimum)
-    return MetricHistory(points, recorded[0], recorded[1], maximize)
+    return MetricHistory(points, recorded[0], recorded[1], maximize, source)
+
+
+def _reported_points(records: list[dict[str, Any]], metric: str) -> dict[int, float]:
+    """The finite numbers reported as ``metric`` in a history, by step (the last report
+    of a step when there are several)."""
+    points = {}
+    for record in records:
+        value = record.get("metrics", {}).get(metric)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if math.isfinite(value):
+            points[record["step"]] = float(value)
+    return points
 
 
 # --------------------------------------------------------------------------- prune

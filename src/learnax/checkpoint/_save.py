@@ -41,8 +41,9 @@ class PlannedWrite:
 
 class Saver:
     """Writes planned checkpoints of one run, on one process or across all of a
-    multi-host run, and reports each commit: ``on_best(value)`` when a best checkpoint
-    is committed, ``retain()`` after a numbered one (on process 0 only)."""
+    multi-host run, and reports each commit: ``on_commit(name, step)`` after each,
+    ``on_best(value)`` when a best checkpoint is committed, ``retain()`` after a
+    numbered one (on process 0 only)."""
 
     def __init__(
         self,
@@ -51,11 +52,13 @@ class Saver:
         *,
         on_best: Callable[[float | None], None],
         retain: Callable[[], None],
+        on_commit: Callable[[str, int], None] | None = None,
     ) -> None:
         self.run = run
         self.coord = coord
         self._on_best = on_best
         self._retain = retain
+        self._on_commit = on_commit  # (name, step) of each checkpoint committed
         # Leftovers of interrupted saves are removed by the writer, after its first
         # commit: never by a reader (an evaluation job opening the run while training
         # uploads), and at a moment when this job is not writing (multi-host: the other
@@ -90,6 +93,8 @@ class Saver:
                 self._on_best(write.best_value if visible else None)
             return None
         logger.debug("Saved checkpoint %s (step %d)", directory, step)
+        if self._on_commit is not None:
+            self._on_commit(write.name, step)
         if write.best_value is not None:
             self._on_best(write.best_value)
         if write.retention and (self.coord is None or self.coord.leader):

@@ -1,0 +1,656 @@
+"""The run's metric history (``<registry>/<run_id>/history/``): every metrics dict a
+Checkpointer is given and every checkpoint it commits, read back as one timeline by
+``Checkpointer.metric_history``, ``read_metric_history``, ``metric_history`` and the
+``learnax plot`` / ``ls`` commands; local and on S3 (moto's server), across a crash and
+a resume, bounded, and never a reason for training or a save to fail.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import uuid
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import small_state
+
+from learnax.checkpoint import Checkpointer, _history, metric_history, read_metric_history
+
+TESTS_DIR = Path(__file__).resolve().parent
+SRC_DIR = TESTS_DIR.parent / "src"
+CHILD_TIMEOUT = 180  # seconds: a hang guard for the processes a test starts
+
+
+def env_with_sources() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC_DIR), str(TESTS_DIR), env.get("PYTHONPATH", "")])
+    return env
+
+
+def reports(records: list[dict], metric: str = "val/loss") -> list[tuple[int, object]]:
+    return [(r["step"], r["metrics"][metric]) for r in records if metric in r.get("metrics", {})]
+
+
+def saves(records: list[dict]) -> list[tuple[int, str]]:
+    return [(r["step"], r["saved"]) for r in records if "saved" in r]
+
+
+def history_files(registry, run: str = "run") -> list[str]:
+    directory = Path(registry) / run / "history"
+    return sorted(os.listdir(directory)) if directory.exists() else []
+
+
+# ----------------------------------------------------------------- what is kept
+
+
+def train_600_steps(ckpt: Checkpointer, start: int = 1, stop: int = 600, offset: float = 0.0):
+    """Steps start..stop, val/loss reported every 50 steps (1000 + step + offset)."""
+    for step in range(start, stop + 1):
+        metrics = {"val/loss": 1000.0 + step + offset} if step % 50 == 0 else None
+        ckpt.maybe_save_checkpoints(small_state(), step, metrics)
+
+
+def test_every_report_is_kept_though_only_two_checkpoints_are(make_checkpointer):
+    ckpt = make_checkpointer(save_every=300, checkpoint_every=300, max_to_keep=1)
+    train_600_steps(ckpt)
+    assert set(ckpt.list_available_checkpoints()) == {"latest", "step_600"}
+    history = ckpt.metric_history()
+    assert reports(history) == [(s, 1000.0 + s) for s in range(50, 601, 50)]
+    assert saves(history) == [(300, "latest"), (300, "300"), (600, "latest"), (600, "600")]
+    # A record of a step comes after the reports of that step.
+    at_300 = [r for r in history if r["step"] == 300]
+    assert "metrics" in at_300[0] and [r.get("saved") for r in at_300[1:]] == ["latest", "300"]
+
+
+def test_another_process_reads_the_history_a_writer_has_not_closed(make_checkpointer, registry):
+    ckpt = make_checkpointer(save_every=None, checkpoint_every=None)
+    for step in range(1, 6):
+        ckpt.maybe_save_checkpoints(small_state(), step, {"loss": float(step)})
+    code = textwrap.dedent(
+        f"""
+        import json
+        from learnax.checkpoint import read_metric_history
+        print(json.dumps(read_metric_history({os.path.join(registry, "run")!r})))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env_with_sources(),
+        timeout=CHILD_TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert reports(json.loads(done.stdout), "loss") == [(s, float(s)) for s in range(1, 6)]
+
+
+def test_values_keep_their_json_types_and_non_finite_floats_come_back(make_checkpointer, caplog):
+    ckpt = make_checkpointer(save_every=None, checkpoint_every=None)
+    metrics = {
+        "float": 0.5,
+        "int": 7,
+        "big": 2**70,
+        "huge": 10**5000,
+        "bool": True,
+        "none": None,
+        "phase": "warmup",
+        "nan": math.nan,
+        "inf": math.inf,
+        "-inf": -math.inf,
+        "np": np.float32(0.25),
+        "np_int": np.int64(3),
+        "jax": jnp.asarray(1.5),
+        "vector": np.ones(3),
+    }
+    with caplog.at_level(logging.WARNING, logger="learnax"):
+        ckpt.maybe_save_checkpoints(small_state(), 1, metrics)
+        ckpt.maybe_save_checkpoints(small_state(), 2, {"vector": np.ones(3)})
+    [first, second] = ckpt.metric_history()
+    record = first["metrics"]
+    assert math.isnan(record["nan"])
+    assert record["inf"] == math.inf and record["-inf"] == -math.inf
+    expected = {"float": 0.5, "int": 7, "big": 2.0**70, "bool": True, "none": None}
+    expected.update({"phase": "warmup", "np": 0.25, "np_int": 3, "jax": 1.5})
+    assert {k: record[k] for k in expected} == expected
+    assert type(record["int"]) is int and type(record["np_int"]) is int
+    assert "vector" not in record and "huge" not in record and second["metrics"] == {}
+    warned = [r for r in caplog.records if "'vector'" in r.getMessage()]
+    assert len(warned) == 1  # once per metric name, not per report
+    # The stored lines are strict JSON (no NaN literal).
+    (segment,) = history_files(ckpt.registry_path)
+    text = (Path(ckpt.registry_path) / "run" / "history" / segment).read_text()
+    for line in text.splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+
+def test_a_jax_value_is_written_once_computed_never_waited_for_on_its_step(
+    make_checkpointer, registry
+):
+    @jax.jit
+    def slow_loss(x):
+        for _ in range(12):
+            x = jnp.tanh(x @ x)
+        return x.sum()
+
+    x = jnp.full((512, 512), 1e-3)
+    slow_loss(x).block_until_ready()  # compiled
+    ckpt = make_checkpointer(save_every=None, checkpoint_every=None)
+    ckpt.maybe_save_checkpoints(small_state(), 1, {"loss": 1.0})
+    loss = slow_loss(x)
+    if loss.is_ready():
+        pytest.skip("the device finished before the step reported it")
+    ckpt.maybe_save_checkpoints(small_state(), 2, {"loss": loss})
+    if loss.is_ready():
+        pytest.skip("the device finished while the step reported it")
+    # Not computed when the step returned: so the step did not wait for it, and it is
+    # not written yet.
+    (segment,) = history_files(registry)
+    written = (Path(registry) / "run" / "history" / segment).read_text()
+    assert [json.loads(line)["step"] for line in written.splitlines()] == [1]
+    ckpt.close()
+    assert reports(ckpt.metric_history(), "loss") == [(1, 1.0), (2, float(loss))]
+
+
+class ComputedLater:
+    """A 0-d value the way the writer sees a jax array still being computed (the
+    device's timing made deterministic): ``is_ready()`` is False until ``finish()``."""
+
+    shape = ()
+
+    def __init__(self, value: float) -> None:
+        self.value, self.ready, self.waited = value, False, False
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+    def item(self) -> float:
+        self.waited = not self.ready
+        return self.value
+
+    def finish(self) -> None:
+        self.ready = True
+
+
+def test_reports_wait_in_order_for_values_still_being_computed(make_checkpointer):
+    ckpt = make_checkpointer(save_every=None, checkpoint_every=None)
+    pending = ComputedLater(2.0)
+    ckpt.maybe_save_checkpoints(small_state(), 1, {"loss": 1.0})
+    ckpt.maybe_save_checkpoints(small_state(), 2, {"loss": pending})
+    ckpt.maybe_save_checkpoints(small_state(), 3, {"loss": 3.0})  # queued behind step 2
+    history = read_metric_history(os.path.join(ckpt.registry_path, "run"))
+    assert reports(history, "loss") == [(1, 1.0)]
+    assert not pending.waited
+    pending.finish()
+    ckpt.maybe_save_checkpoints(small_state(), 4, {"loss": 4.0})
+    history = read_metric_history(os.path.join(ckpt.registry_path, "run"))
+    assert reports(history, "loss") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+    assert not pending.waited
+
+
+def test_steps_that_report_nothing_write_nothing(make_checkpointer, registry):
+    ckpt = make_checkpointer(save_every=None, checkpoint_every=None, keep_best=True)
+    for step in range(1, 50):
+        assert ckpt.maybe_save_checkpoints(small_state(), step) == {}
+        assert ckpt.maybe_save_checkpoints(small_state(), step, {}) == {}
+    assert history_files(registry) == []
+    assert ckpt.metric_history() == []
+
+
+def test_save_checkpoint_metrics_are_reported_and_every_commit_recorded(make_checkpointer):
+    ckpt = make_checkpointer(save_every=None, checkpoint_every=None, keep_best=True)
+    ckpt.save_checkpoint(small_state(), step=10, metrics={"val/loss": 2.0})
+    ckpt.save_latest(small_state(), step=20, metrics={"val/loss": 1.5})
+    ckpt.save_checkpoint(small_state(), step=25, suffix="final")
+    assert ckpt.update_best_checkpoint(small_state(), 1.0, step=30)
+    history = ckpt.metric_history()
+    assert reports(history) == [(10, 2.0), (20, 1.5)]
+    assert saves(history) == [(10, "10"), (20, "latest"), (25, "final"), (30, "best")]
+
+
+def test_async_saves_record_their_commits_and_lose_no_report(make_checkpointer):
+    ckpt = make_checkpointer(save_every=10, checkpoint_every=None, async_save=True)
+    for step in range(1, 101):
+        loss = jnp.asarray(float(step))  # a jax value, as a training step returns it
+        ckpt.maybe_save_checkpoints({"w": jnp.ones((64, 64)) * step}, step, {"loss": loss})
+    ckpt.close()
+    history = ckpt.metric_history()
+    assert reports(history, "loss") == [(s, float(s)) for s in range(1, 101)]
+    assert saves(history) == [(s, "latest") for s in range(10, 101, 10)]
+
+
+# ----------------------------------------------------------------- crash and resume
+
+CRASHING_WRITER = """
+import os, sys
+from helpers import small_state
+from learnax.checkpoint import Checkpointer
+
+ckpt = Checkpointer(sys.argv[1], "run", save_every=300, checkpoint_every=None)
+for step in range(1, 451):
+    metrics = {"val/loss": 1000.0 + step} if step % 50 == 0 else None
+    ckpt.maybe_save_checkpoints(small_state(), step, metrics)
+os._exit(1)  # a crash: no close(), no exit handlers
+"""
+
+
+def test_a_resume_from_an_earlier_step_keeps_each_step_once_from_the_run_that_went_on(
+    registry,
+):
+    done = subprocess.run(
+        [sys.executable, "-c", CRASHING_WRITER, registry],
+        capture_output=True,
+        text=True,
+        env=env_with_sources(),
+        timeout=CHILD_TIMEOUT,
+    )
+    assert done.returncode == 1, done.stderr
+    before = read_metric_history(os.path.join(registry, "run"))
+    assert reports(before) == [(s, 1000.0 + s) for s in range(50, 451, 50)]
+
+    ckpt = Checkpointer(registry, "run", save_every=300, checkpoint_every=None)
+    restored = ckpt.load_latest()
+    assert restored["step"] == 300
+    train_600_steps(ckpt, start=301, offset=1000.0)
+    ckpt.close()
+
+    history = ckpt.metric_history()
+    expected = [(s, 1000.0 + s) for s in range(50, 301, 50)]
+    expected += [(s, 2000.0 + s) for s in range(350, 601, 50)]
+    assert reports(history) == expected
+    assert saves(history) == [(300, "latest"), (600, "latest")]
+    sessions = {r["step"]: r["session"] for r in history if "metrics" in r}
+    assert {sessions[s] for s in range(50, 301, 50)} == {1}
+    assert {sessions[s] for s in range(350, 601, 50)} == {2}
+    # Every reader agrees, the CLI's included.
+    assert read_metric_history(os.path.join(registry, "run")) == history
+    assert list(metric_history(os.path.join(registry, "run"), "val/loss").points.items()) == [
+        (s, v) for s, v in expected
+    ]
+
+
+def test_a_run_started_afresh_under_the_same_id_supersedes_the_old_history(make_checkpointer):
+    old = make_checkpointer(save_every=None, checkpoint_every=None)
+    for step in range(0, 100, 10):
+        old.maybe_save_checkpoints(small_state(), step, {"loss": 1.0})
+    old.close()
+    new = make_checkpointer(save_every=None, checkpoint_every=None)
+    for step in range(0, 30, 10):
+        new.maybe_save_checkpoints(small_state(), step, {"loss": 2.0})
+    assert reports(new.metric_history(), "loss") == [(0, 2.0), (10, 2.0), (20, 2.0)]
+
+
+def test_a_load_after_reports_starts_a_new_timeline_from_the_loaded_step(make_checkpointer):
+    ckpt = make_checkpointer(save_every=20, checkpoint_every=None)
+    for step in range(1, 51):
+        ckpt.maybe_save_checkpoints(small_state(), step, {"loss": float(step)})
+    assert ckpt.load_latest()["step"] == 40  # a rollback, say after a NaN loss
+    for step in range(41, 46):
+        ckpt.maybe_save_checkpoints(small_state(), step, {"loss": -float(step)})
+    got = reports(ckpt.metric_history(), "loss")
+    assert got == [(s, float(s)) for s in range(1, 41)] + [(s, -float(s)) for s in range(41, 46)]
+
+
+def test_the_timeline_rule():
+    def rec(session, n, step, **extra):
+        return {"session": session, "n": n, "step": step, "metrics": {}, **extra}
+
+    first = [rec(1, i, step) for i, step in enumerate([10, 20, 30, 40])]
+    # Resumed from 20: everything of session 1 past 20 goes, 20 itself stays.
+    second = [rec(2, 0, 25, resumed=20), rec(2, 1, 35)]
+    kept = _history.timeline(first + second + first[:2])  # duplicates: one of each
+    assert [(r["session"], r["step"]) for r in kept] == [(1, 10), (1, 20), (2, 25), (2, 35)]
+    # Not known where it resumed from: its first step decides.
+    third = [rec(3, 0, 20), rec(3, 1, 50)]
+    kept = _history.timeline(first + second + third)
+    assert [(r["session"], r["step"]) for r in kept] == [(1, 10), (3, 20), (3, 50)]
+
+
+def test_a_torn_last_line_is_skipped(make_checkpointer, registry):
+    ckpt = make_checkpointer(save_every=None, checkpoint_every=None)
+    for step in range(1, 4):
+        ckpt.maybe_save_checkpoints(small_state(), step, {"loss": float(step)})
+    ckpt.close()
+    (segment,) = history_files(registry)
+    with open(Path(registry) / "run" / "history" / segment, "ab") as f:
+        f.write(b'{"session": 1, "n": 3, "step": 4, "metrics": {"loss": 4.')
+    assert reports(read_metric_history(os.path.join(registry, "run")), "loss") == [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+    ]
+
+
+# ----------------------------------------------------------------- bounded
+
+
+@pytest.fixture
+def small_bound(monkeypatch):
+    monkeypatch.setenv("LEARNAX_HISTORY_MAX_BYTES", "8192")
+    return 8192
+
+
+def test_the_history_stays_within_its_bound_thinning_the_oldest_reports(
+    make_checkpointer, registry, small_bound
+):
+    ckpt = make_checkpointer(save_every=500, checkpoint_every=None)
+    for step in range(1, 3001):
+        metrics = {"loss": float(step)}
+        if step % 100 == 0:
+            metrics = {"val/loss": float(step)}
+        ckpt.maybe_save_checkpoints(small_state(), step, metrics)
+        size = sum(
+            os.path.getsize(Path(registry) / "run" / "history" / n) for n in history_files(registry)
+        )
+        assert size <= small_bound + 200, f"{size} bytes of history at step {step}"
+    ckpt.close()
+    history = ckpt.metric_history()
+    steps = [s for s, _ in reports(history, "loss")]
+    assert len(steps) < 3000 - 30  # thinned
+    assert steps[-10:] == list(range(2990, 3000))  # the newest all kept
+    assert steps[0] == 1  # the first record of the session kept
+    # The rare metric is thinned in proportion, not wiped out by the frequent one.
+    val_steps = [s for s, _ in reports(history, "val/loss")]
+    assert len(val_steps) >= 5 and val_steps[-3:] == [2800, 2900, 3000]
+    # Every save is still named.
+    assert saves(history) == [(s, "latest") for s in range(500, 3001, 500)]
+    assert len(history_files(registry)) <= 2
+
+
+def test_many_sessions_are_compacted_into_few_segments(make_checkpointer, registry):
+    for session in range(_history._MAX_SEGMENTS + 5):
+        ckpt = make_checkpointer(save_every=None, checkpoint_every=None)
+        ckpt.maybe_save_checkpoints(small_state(), session, {"loss": float(session)})
+        ckpt.close()
+    assert len(history_files(registry)) <= _history._MAX_SEGMENTS + 1
+    n = _history._MAX_SEGMENTS + 5
+    assert reports(ckpt.metric_history(), "loss") == [(s, float(s)) for s in range(n)]
+
+
+def test_thin_keeps_saves_and_the_first_record_of_each_session():
+    records = [{"session": 1, "n": i, "step": i, "metrics": {"loss": 1.0}} for i in range(100)]
+    records[50] = {"session": 1, "n": 50, "step": 50, "saved": "latest"}
+    records += [
+        {"session": 2, "n": i, "step": 100 + i, "metrics": {"loss": 1.0}} for i in range(100)
+    ]
+    kept = _history.thin(records, budget=3000)
+    assert sum(len(_history._line(r)) for r in kept) <= 3000
+    assert records[50] in kept and records[0] in kept and records[100] in kept
+    assert kept[-1] == records[-1]
+
+
+# ----------------------------------------------------------------- failures, processes
+
+
+def test_a_history_that_cannot_be_written_never_fails_training(make_checkpointer, registry, caplog):
+    os.makedirs(os.path.join(registry, "run"))
+    Path(registry, "run", "history").write_text("not a directory")
+    ckpt = make_checkpointer(save_every=10, checkpoint_every=None)
+    with caplog.at_level(logging.ERROR, logger="learnax"):
+        for step in range(1, 31):
+            saved = ckpt.maybe_save_checkpoints(small_state(), step, {"loss": 1.0})
+            assert ("latest" in saved) == (step % 10 == 0)
+        ckpt.close()
+    assert ckpt.load_latest()["step"] == 30
+    errors = [r for r in caplog.records if "metric history" in r.getMessage()]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+
+
+def test_after_a_failure_reports_wait_for_the_next_commit_and_are_written_then(
+    make_checkpointer, registry
+):
+    os.makedirs(os.path.join(registry, "run"))
+    blocker = Path(registry, "run", "history")
+    blocker.write_text("not a directory")
+    ckpt = make_checkpointer(save_every=10, checkpoint_every=None)
+    for step in range(1, 10):
+        ckpt.maybe_save_checkpoints(small_state(), step, {"loss": float(step)})
+    blocker.unlink()  # storage is back
+    for step in range(10, 13):
+        ckpt.maybe_save_checkpoints(small_state(), step, {"loss": float(step)})
+    history = ckpt.metric_history()
+    # Step 1's report met the failure; the others waited in memory for the commit at 10.
+    assert reports(history, "loss") == [(s, float(s)) for s in range(2, 13)]
+    assert saves(history) == [(10, "latest")]
+
+
+def test_a_writer_that_is_not_process_0_writes_nothing(tmp_path):
+    storage = _history.LocalStorage()
+    run = str(tmp_path / "run")
+    writer = _history.HistoryWriter(storage, run, enabled=False)
+    writer.report(1, {"loss": 1.0})
+    writer.committed("latest", 1)
+    writer.resumed(1)
+    writer.close()
+    assert not os.path.exists(os.path.join(run, "history"))
+    enabled = _history.HistoryWriter(storage, run)
+    enabled.report(1, {"loss": 1.0})
+    enabled.close()
+    assert reports(_history.read_history(storage, run), "loss") == [(1, 1.0)]
+
+
+def test_a_report_while_a_background_commit_holds_the_lock_does_not_wait(tmp_path):
+    writer = _history.HistoryWriter(_history.LocalStorage(), str(tmp_path / "run"))
+    writer.report(1, {"loss": 1.0})
+    writer._lock.acquire()  # a commit in progress on the save thread
+    try:
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (writer.report(2, {"loss": 2.0}), done.set()))
+        t.start()
+        t.join(timeout=30)  # a hang guard: the report does not wait for the lock at all
+        assert done.is_set()  # returned while the lock was held
+    finally:
+        writer._lock.release()
+    writer.committed("latest", 2)
+    got = _history.read_history(_history.LocalStorage(), str(tmp_path / "run"))
+    assert reports(got, "loss") == [(1, 1.0), (2, 2.0)]
+    assert saves(got) == [(2, "latest")]
+
+
+READING_WHILE_WRITTEN = """
+import sys
+from helpers import small_state
+from learnax.checkpoint import Checkpointer
+
+ckpt = Checkpointer(sys.argv[1], "run", save_every=100, checkpoint_every=None)
+for step in range(1, 2001):
+    ckpt.maybe_save_checkpoints(small_state(), step, {"loss": float(step)})
+ckpt.close()
+"""
+
+
+def test_a_reader_in_another_process_sees_a_consistent_history_while_it_is_written(
+    registry, small_bound
+):
+    env = {**env_with_sources(), "LEARNAX_HISTORY_MAX_BYTES": str(small_bound)}
+    writer = subprocess.Popen(
+        [sys.executable, "-c", READING_WHILE_WRITTEN, registry],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    run = os.path.join(registry, "run")
+    newest = 0
+    reads = 0
+    try:
+        while writer.poll() is None or reads == 0:
+            history = read_metric_history(run)
+            steps = [s for s, _ in reports(history, "loss")]
+            assert steps == sorted(set(steps)), "a step twice, or out of order"
+            if steps:
+                assert steps[-1] >= newest, "the history went back in time"
+                newest = steps[-1]
+            reads += 1
+    finally:
+        _, stderr = writer.communicate(timeout=CHILD_TIMEOUT)
+    assert writer.returncode == 0, stderr
+    final = read_metric_history(run)
+    assert reports(final, "loss")[-1] == (2000, 2000.0)
+    assert saves(final) == [(s, "latest") for s in range(100, 2001, 100)]
+
+
+# ----------------------------------------------------------------- object storage
+
+
+@pytest.fixture
+def s3_registry(moto_server):
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    name = f"learnax-{uuid.uuid4().hex[:16]}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=moto_server.endpoint_url,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    client.create_bucket(Bucket=name)
+
+    def keys(prefix: str) -> list[str]:
+        found = client.list_objects_v2(Bucket=name, Prefix=prefix).get("Contents", [])
+        return sorted(o["Key"][len(prefix) :] for o in found)
+
+    yield f"s3://{name}/reg", moto_server.storage_options(), keys
+    moto_server.reset()
+
+
+def test_on_s3_reports_are_written_as_segments_at_commits_and_close(s3_registry):
+    url, options, keys = s3_registry
+    ckpt = Checkpointer(url, "run", save_every=300, checkpoint_every=None, storage_options=options)
+    train_600_steps(ckpt, stop=450)
+    # Written at the commit of step 300; what came after is still in memory, but the
+    # writer's own view has it.
+    assert len(keys("reg/run/history/")) == 1
+    assert reports(ckpt.metric_history())[-1] == (450, 1450.0)
+    other = read_metric_history(f"{url}/run", storage_options=options)
+    assert reports(other)[-1] == (300, 1300.0)
+    ckpt.close()
+    assert len(keys("reg/run/history/")) == 2
+    assert not any(k.startswith("reg/run/checkpoints/history") for k in keys("reg/run/"))
+    # A resume from 300 on S3: the steps past it from the new session only.
+    resumed = Checkpointer(
+        url, "run", save_every=300, checkpoint_every=None, storage_options=options
+    )
+    assert resumed.load_latest()["step"] == 300
+    train_600_steps(resumed, start=301, offset=1000.0)
+    resumed.close()
+    history = read_metric_history(f"{url}/run", storage_options=options)
+    expected = [(s, 1000.0 + s) for s in range(50, 301, 50)]
+    expected += [(s, 2000.0 + s) for s in range(350, 601, 50)]
+    assert reports(history) == expected
+    assert saves(history) == [(300, "latest"), (600, "latest")]
+
+
+def test_on_s3_many_segments_are_compacted(s3_registry, monkeypatch):
+    monkeypatch.setattr(_history, "_MAX_SEGMENTS", 4)
+    url, options, keys = s3_registry
+    ckpt = Checkpointer(url, "run", save_every=1, checkpoint_every=None, storage_options=options)
+    for step in range(1, 13):
+        ckpt.maybe_save_checkpoints(small_state(), step, {"loss": float(step)})
+        assert len(keys("reg/run/history/")) <= 5
+    ckpt.close()
+    history = read_metric_history(f"{url}/run", storage_options=options)
+    assert reports(history, "loss") == [(s, float(s)) for s in range(1, 13)]
+    assert saves(history) == [(s, "latest") for s in range(1, 13)]
+
+
+# ----------------------------------------------------------------- the command line
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, "-m", "learnax", *(str(a) for a in args)],
+        capture_output=True,
+        text=True,
+        env={**env_with_sources(), "COLUMNS": "200"},
+        stdin=subprocess.DEVNULL,
+        timeout=CHILD_TIMEOUT,
+    )
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+@pytest.fixture
+def run_of_600_steps(registry) -> str:
+    """A run that kept 2 checkpoints but reported val/loss 12 times."""
+    ckpt = Checkpointer(registry, "run", save_every=300, checkpoint_every=300, max_to_keep=1)
+    train_600_steps(ckpt)
+    ckpt.close()
+    return os.path.join(registry, "run")
+
+
+def test_plot_json_gives_every_report_not_only_the_checkpoints(run_of_600_steps):
+    series = json.loads(run_cli("plot", run_of_600_steps, "--metric", "val/loss", "--json").stdout)
+    assert series["source"] == "history"
+    assert series["points"] == [{"step": s, "value": 1000.0 + s} for s in range(50, 601, 50)]
+    assert series["best"] == {"step": 50, "value": 1050.0}
+
+
+def test_plot_draws_every_report(run_of_600_steps, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "plot.png"
+    done = run_cli("plot", run_of_600_steps, "--metric", "val/loss", "-o", out)
+    assert "12 reports" in done.stdout
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_plot_of_a_run_without_a_history_uses_its_checkpoints(run_of_600_steps):
+    for name in os.listdir(os.path.join(run_of_600_steps, "history")):
+        os.remove(os.path.join(run_of_600_steps, "history", name))
+    os.rmdir(os.path.join(run_of_600_steps, "history"))
+    series = json.loads(run_cli("plot", run_of_600_steps, "--metric", "val/loss", "--json").stdout)
+    assert series["source"] == "checkpoints"
+    assert series["points"] == [{"step": 600, "value": 1600.0}]  # latest and step_600
+
+
+def test_ls_of_a_run_sums_up_its_history(run_of_600_steps):
+    text = run_cli("ls", run_of_600_steps).stdout
+    assert "metric history: 12 report(s), steps 50-600, 4 save(s)" in text
+    assert "last at step 600: val/loss=1600" in text
+    listing = json.loads(run_cli("ls", run_of_600_steps, "--json").stdout)
+    assert listing["history"] == {
+        "reports": 12,
+        "saves": 4,
+        "first_step": 50,
+        "last_step": 600,
+        "last_metrics": {"step": 600, "metrics": {"val/loss": 1600.0}},
+    }
+
+
+ENDS_WITHOUT_CLOSE = """
+import json, sys
+from helpers import small_state
+from learnax.checkpoint import Checkpointer
+
+ckpt = Checkpointer(sys.argv[1], "run", save_every=None, checkpoint_every=None,
+                    storage_options=json.loads(sys.argv[2]))
+for step in range(1, 6):
+    ckpt.maybe_save_checkpoints(small_state(), step, {"loss": float(step)})
+# The program ends: no commit, no close().
+"""
+
+
+def test_on_s3_a_program_that_ends_without_close_keeps_its_reports(s3_registry):
+    url, options, _ = s3_registry
+    done = subprocess.run(
+        [sys.executable, "-c", ENDS_WITHOUT_CLOSE, url, json.dumps(options)],
+        capture_output=True,
+        text=True,
+        env=env_with_sources(),
+        timeout=CHILD_TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    history = read_metric_history(f"{url}/run", storage_options=options)
+    assert reports(history, "loss") == [(s, float(s)) for s in range(1, 6)]
