@@ -45,7 +45,7 @@ import weakref
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ._storage import LocalStorage, UnsafeFileError
+from ._storage import NOT_WRITABLE_ERRNOS, LocalStorage, UnsafeFileError
 
 if TYPE_CHECKING:
     from ._storage import Storage
@@ -415,7 +415,10 @@ class HistoryWriter:
         try:
             work(*args)
         except OSError as e:
-            (logger.debug if self._logged else logger.error)(
+            # A lost report is worth a warning, not an error (training goes on); on a
+            # read-only registry the saves already said so, as an error.
+            first = logger.info if e.errno in NOT_WRITABLE_ERRNOS else logger.warning
+            (logger.debug if self._logged else first)(
                 "Cannot write the metric history in %s: %s. Training and saves go on; "
                 "the history is tried again at the next checkpoint commit.",
                 self._dir,
