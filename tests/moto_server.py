@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 60.0  # seconds for the server to answer HTTP: a hang guard
@@ -78,17 +79,22 @@ class MotoServer:
     def storage_options(self, **extra) -> dict:
         return s3_storage_options(self.endpoint_url, **extra)
 
-    def create_bucket(self, name: str) -> None:
-        """Create bucket ``name`` on the server (boto3, the test credentials)."""
+    def client(self) -> Any:
+        """A boto3 S3 client of the test's own on the server (the test credentials),
+        to create buckets and look at what is stored without going through learnax."""
         import boto3
 
-        boto3.client(
+        return boto3.client(
             "s3",
             endpoint_url=self.endpoint_url,
             aws_access_key_id="testing",
             aws_secret_access_key="testing",
             region_name="us-east-1",
-        ).create_bucket(Bucket=name)
+        )
+
+    def create_bucket(self, name: str) -> None:
+        """Create bucket ``name`` on the server."""
+        self.client().create_bucket(Bucket=name)
 
     def start(self, attempts: int = 3) -> MotoServer:
         # The port is free when chosen, but another process may take it before the

@@ -505,17 +505,11 @@ def test_a_reader_in_another_process_sees_a_consistent_history_while_it_is_writt
 
 @pytest.fixture
 def s3_registry(moto_server):
-    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("boto3")
     pytest.importorskip("s3fs")
     pytest.importorskip("moto.server")
     name = f"learnax-{uuid.uuid4().hex[:16]}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=moto_server.endpoint_url,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
+    client = moto_server.client()
     client.create_bucket(Bucket=name)
 
     def keys(prefix: str) -> list[str]:

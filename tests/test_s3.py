@@ -159,13 +159,7 @@ class Bucket:
 @pytest.fixture
 def bucket(moto_server):
     name = f"learnax-{uuid.uuid4().hex[:16]}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=moto_server.endpoint_url,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
+    client = moto_server.client()
     client.create_bucket(Bucket=name)
     fs = s3fs.S3FileSystem(
         **moto_server.storage_options(), skip_instance_cache=True, use_listings_cache=False

@@ -404,15 +404,9 @@ def test_a_damaged_manifest_never_ranks(make_checkpointer):
 @pytest.fixture
 def s3_registry(moto_server):
     pytest.importorskip("s3fs")
-    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("boto3")
     name = f"learnax-{uuid.uuid4().hex[:16]}"
-    boto3.client(
-        "s3",
-        endpoint_url=moto_server.endpoint_url,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    ).create_bucket(Bucket=name)
+    moto_server.client().create_bucket(Bucket=name)
     yield f"s3://{name}/reg", moto_server.storage_options()
     moto_server.reset()
 

@@ -541,16 +541,10 @@ def test_async_fallback_write_survives_the_frozen_array_deleted_after_return(
 def bucket(moto_server):
     """A fresh bucket on the session's moto server, and a boto3 client of the test's
     own to inspect it (as tests/test_s3.py's ``bucket``)."""
-    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("boto3")
     pytest.importorskip("s3fs")
     name = f"learnax-{uuid.uuid4().hex[:16]}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=moto_server.endpoint_url,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
+    client = moto_server.client()
     client.create_bucket(Bucket=name)
     yield name, client, moto_server.storage_options()
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):

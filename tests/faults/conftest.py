@@ -86,19 +86,12 @@ class FaultyS3:
 
 @pytest.fixture
 def faulty_s3(moto_server, monkeypatch):
-    import boto3
     import s3fs
 
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", S3FS_RETRIES)
 
     name = f"faults-{uuid.uuid4().hex[:16]}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=moto_server.endpoint_url,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
+    client = moto_server.client()
     client.create_bucket(Bucket=name)
     proxy = S3FaultProxy(moto_server.port)
     try:
