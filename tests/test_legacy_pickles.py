@@ -28,6 +28,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from helpers import scaled
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -505,7 +506,7 @@ VALID = valid_pickles()
 
 
 @settings(
-    max_examples=150,
+    max_examples=scaled(40, 150),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
