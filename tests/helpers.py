@@ -20,6 +20,28 @@ import numpy as np
 
 from learnax.checkpoint import Checkpointer
 
+# --- quick and full sizes --------------------------------------------------------------
+
+FULL_TESTS_VARIABLE = "LEARNAX_FULL_TESTS"
+
+
+def full_tests() -> bool:
+    """Whether the long fuzzers, kill loops and live races run at full strength.
+
+    They do when ``LEARNAX_FULL_TESTS`` is set to anything but ``""``/``0``/``false``/
+    ``no``, or under ``pytest --runslow`` (which sets it, so worker processes see it
+    too). CI's run (``.ci/run``) does; a plain ``python -m pytest`` runs them at their
+    quick size, with every case still run.
+    """
+    value = os.environ.get(FULL_TESTS_VARIABLE, "").strip().lower()
+    return value not in ("", "0", "false", "no")
+
+
+def scaled(quick, full):
+    """``full`` in the full sweep (see ``full_tests``), else ``quick``: an example count,
+    a number of kills, a duration in seconds."""
+    return full if full_tests() else quick
+
 
 def small_state(seed: int = 0) -> dict:
     """A small train-state-like tree of float32 NumPy arrays."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_tree_equal
+from helpers import assert_tree_equal, scaled
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -221,7 +221,7 @@ TREES = st.recursive(
 
 
 @settings(
-    max_examples=40,
+    max_examples=scaled(10, 40),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )

@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors
-from helpers import assert_tree_equal, checkpoint_files, read_manifest_file, small_state
+from helpers import (
+    assert_tree_equal,
+    checkpoint_files,
+    read_manifest_file,
+    scaled,
+    small_state,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -233,7 +239,7 @@ def test_tensor_names_of_ordinary_keys_stay_the_leaf_paths(make_checkpointer):
     assert set(all_tensors(saved_path(make_checkpointer, state))) == {"params/Dense_0/kernel", "é"}
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=scaled(15, 40), deadline=None)
 @given(state=_trees)
 def test_any_str_keys_give_openable_files_and_round_trip(state):
     with tempfile.TemporaryDirectory() as registry:

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from helpers import skipped_once
+from helpers import scaled, skipped_once
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -506,7 +506,7 @@ VALID = valid_pickles()
 
 
 @settings(
-    max_examples=150,
+    max_examples=scaled(40, 150),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

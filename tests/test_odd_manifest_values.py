@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import rewrite_manifest, rewrite_manifest_text
+from helpers import rewrite_manifest, rewrite_manifest_text, scaled
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -70,7 +70,7 @@ def _run_cli_in_process(*args: str) -> tuple[int, str]:
     return status, out.getvalue()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=scaled(15, 60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(time=_times, step=_steps, metrics=_metrics)
 def test_odd_time_step_and_metrics_are_reported_or_damaged_never_raised(saved, time, step, metrics):
     path, pristine = saved

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_tree_equal
+from helpers import assert_tree_equal, scaled
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -59,7 +59,7 @@ def assert_same_encoding(cached, fresh) -> None:
         np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=scaled(60, 300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(trees(), min_size=2, max_size=4))
 def test_cached_encoding_equals_a_fresh_one_for_any_sequence_of_states(states):
     cache = TreeCache()
@@ -73,7 +73,7 @@ def test_cached_encoding_equals_a_fresh_one_for_any_sequence_of_states(states):
         assert_same_encoding(cache.encode(state), fresh)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=scaled(30, 100), deadline=None)
 @given(trees(), st.data())
 def test_the_same_structure_with_other_leaves_is_encoded_afresh_where_they_differ(tree, data):
     """Same treedef, leaves replaced one by one with values drawn anew (a Python scalar

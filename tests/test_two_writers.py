@@ -13,7 +13,7 @@ import textwrap
 import threading
 
 import numpy as np
-from helpers import assert_tree_equal
+from helpers import assert_tree_equal, scaled
 
 from learnax.checkpoint import Checkpointer
 
@@ -23,13 +23,15 @@ WRITER = textwrap.dedent(
     import numpy as np
     from learnax.checkpoint import Checkpointer
 
-    registry, writer = sys.argv[1], int(sys.argv[2])
+    registry, writer, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     ckpt = Checkpointer(registry, "run", save_every=1, checkpoint_every=3, max_to_keep=4)
-    for step in range(writer, 60, 2):  # writer 0 saves even steps, writer 1 odd ones
+    for step in range(writer, steps, 2):  # writer 0 saves even steps, writer 1 odd ones
         state = {"w": np.random.default_rng(step).standard_normal(200_000).astype(np.float32)}
         ckpt.maybe_save_checkpoints(state, step)
     """
 )
+# Steps the two writers save between them: past max_to_keep numbered ones even quick.
+STEPS = scaled(20, 60)
 
 
 def state_of(step: int) -> dict:
@@ -38,7 +40,9 @@ def state_of(step: int) -> dict:
 
 def test_two_processes_saving_one_run_leave_only_whole_checkpoints(registry):
     writers = [
-        subprocess.Popen([sys.executable, "-c", WRITER, registry, str(i)], stderr=subprocess.PIPE)
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, registry, str(i), str(STEPS)], stderr=subprocess.PIPE
+        )
         for i in range(2)
     ]
     for w in writers:

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 import pytest
-from helpers import checkpoint_dir_entries, small_state, tree_listing
+from helpers import checkpoint_dir_entries, scaled, small_state, tree_listing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -128,7 +128,9 @@ def test_run_ids_special_to_a_store_or_fsspec_are_refused(registry, run_id):
 
 
 @settings(
-    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=scaled(50, 200),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(st.text(max_size=40))
 def test_any_accepted_run_id_is_one_plain_component_of_the_registry(tmp_path, run_id):
@@ -140,7 +142,7 @@ def test_any_accepted_run_id_is_one_plain_component_of_the_registry(tmp_path, ru
     assert run_id.isascii() and not set(run_id) & set("?#*[]{}:%/\\ \t\n")
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=scaled(75, 300), deadline=None)
 @given(st.text(max_size=30))
 def test_a_canonical_name_is_the_one_spelling_of_its_key(entry):
     key = _run.checkpoint_key(entry)
