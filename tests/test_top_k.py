@@ -20,7 +20,7 @@ import uuid
 
 import numpy as np
 import pytest
-from helpers import assert_tree_equal, learnax_errors, numbered_steps, small_state
+from helpers import assert_tree_equal, learnax_errors, numbered_steps, scaled, small_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -63,7 +63,7 @@ steps_values = st.dictionaries(
     keep_period=st.one_of(st.none(), st.integers(1, 10)),
     minimize=st.booleans(),
 )
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=scaled(100, 400), deadline=None)
 def test_retained_steps_are_the_newest_the_k_best_and_the_period_multiples(
     values, k, max_to_keep, keep_period, minimize
 ):
@@ -78,7 +78,7 @@ def test_retained_steps_are_the_newest_the_k_best_and_the_period_multiples(
 
 
 @given(values=steps_values, k=st.integers(1, 4), minimize=st.booleans())
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=scaled(50, 200), deadline=None)
 def test_a_value_ranks_when_it_would_be_among_the_k_best(values, k, minimize):
     step = max(values, default=0) + 1
     for value in (0.0, -7.0, 7.0, math.nan):
