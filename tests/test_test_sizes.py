@@ -59,7 +59,18 @@ def test_runslow_runs_the_full_sweep_here_and_in_the_processes_tests_start():
     env[PROBE_VARIABLE] = "1"
     probe = f"{Path(__file__).relative_to(ROOT)}::test_probe_prints_the_sizes_it_runs_at"
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider", "--runslow", probe],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-s",
+            "-p",
+            "no:cacheprovider",
+            "-n",
+            "0",  # in this process: -s shows the probe's line
+            "--runslow",
+            probe,
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
