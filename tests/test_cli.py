@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 from helpers import assert_tree_equal, checkpoint_files, flip_byte, read_manifest_file
 
-from learnax.checkpoint import Checkpointer
+from learnax.checkpoint import Checkpointer, prune
 
 TESTS_DIR = Path(__file__).resolve().parent
 SRC_DIR = TESTS_DIR.parent / "src"
@@ -793,6 +793,53 @@ def test_prune_keep_period_keeps_multiples_without_counting_them(prune_run):
     assert done.returncode == 0, describe(done)
     assert named_paths(done.stdout, "deleted") == {"state_1", "state_2"}
     assert state_dirs(prune_run) == {f"state_{n}" for n in (3, 4, 5, 6, "latest", "best")}
+
+
+RANKED_LOSSES = {1: 0.9, 2: 0.2, 3: 0.5, 4: 0.1, 5: 0.7, 6: 0.8}
+
+
+@pytest.fixture
+def ranked_run(tmp_path) -> Path:
+    """Run "k": numbered checkpoints 1 .. 6, each saved with its "loss"."""
+    ckpt = Checkpointer(tmp_path / "registry", "k")
+    for step, loss in RANKED_LOSSES.items():
+        assert ckpt.save_checkpoint(beta_state(step), step=step, metrics={"loss": loss})
+    return tmp_path / "registry" / "k"
+
+
+@pytest.mark.parametrize(
+    ("extra", "kept"),
+    [([], {2, 4, 6}), (["--maximize"], {1, 6})],
+    ids=["lowest", "maximize"],
+)
+def test_prune_keep_top_k_keeps_the_best_by_the_metric_beside_the_newest(ranked_run, extra, kept):
+    done = run_cli(
+        "prune", ranked_run, "--keep", "1", "--keep-top-k", "2", "--metric", "loss", *extra
+    )
+    assert done.returncode == 0, describe(done)
+    assert state_dirs(ranked_run) == {f"state_{s}" for s in kept}
+    assert named_paths(done.stdout, "deleted") == {f"state_{s}" for s in set(RANKED_LOSSES) - kept}
+
+
+def test_prune_keep_top_k_without_a_metric_exits_2_and_deletes_nothing(ranked_run):
+    before = files_listing(ranked_run)
+    done = run_cli("prune", ranked_run, "--keep", "1", "--keep-top-k", "2")
+    assert done.returncode == 2, describe(done)
+    assert "--metric" in done.stderr
+    assert files_listing(ranked_run) == before
+
+
+def test_prune_keep_top_k_deletes_nothing_while_a_manifest_cannot_be_read(ranked_run, monkeypatch):
+    from learnax.checkpoint import _run
+
+    def unreadable(self, name):
+        raise OSError(5, "Input/output error (injected)", name)
+
+    monkeypatch.setattr(_run.RunDirectory, "read_manifest", unreadable)
+    before = files_listing(ranked_run)
+    with pytest.raises(OSError, match="cannot be read"):
+        prune(ranked_run, 1, keep_top_k=2, metric="loss")
+    assert files_listing(ranked_run) == before
 
 
 # === plot ================================================================================

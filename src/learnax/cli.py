@@ -217,6 +217,16 @@ def _add_prune(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
         default=None,
         help="also keep every step that is a multiple of this",
     )
+    prune.add_argument(
+        "--keep-top-k",
+        type=_positive,
+        default=None,
+        help="also keep the K best by --metric (as keep_top_k does)",
+    )
+    prune.add_argument("--metric", help='with --keep-top-k: the metric that ranks, e.g. "val/loss"')
+    prune.add_argument(
+        "--maximize", action="store_true", help="with --keep-top-k: higher is better"
+    )
     prune.add_argument("--dry-run", action="store_true", help="only print what would go")
     prune.add_argument("--json", action="store_true", help="print JSON")
     prune.set_defaults(run=cmd_prune)
@@ -592,10 +602,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     kind, path = _open(args, args.path)
     if kind != "run":
         raise UsageError(f"{path} is not a run (<registry>/<run_id>)")
+    if args.keep_top_k is not None and not args.metric:
+        raise UsageError("--keep-top-k needs --metric, the metric that ranks the checkpoints")
     victims = prune(
         path,
         args.keep,
         keep_period=args.keep_period,
+        keep_top_k=args.keep_top_k,
+        metric=args.metric,
+        maximize=args.maximize,
         dry_run=args.dry_run,
         storage_options=args.storage_options,
     )

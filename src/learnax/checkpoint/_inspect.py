@@ -487,19 +487,27 @@ def prune(
     keep: int,
     *,
     keep_period: int | None = None,
+    keep_top_k: int | None = None,
+    metric: str | None = None,
+    maximize: bool = False,
     dry_run: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> list[str]:
     """Apply retention to a run offline: delete the numbered checkpoints beyond the
-    newest ``keep`` (multiples of ``keep_period`` are kept and not counted); latest,
-    best and other names are never touched. Each deletion takes the run's lock, as a
-    training run's retention does.
+    newest ``keep`` (multiples of ``keep_period`` are kept and not counted; with
+    ``keep_top_k``, so are the ``keep_top_k`` best by ``metric``, as a Checkpointer's
+    ``keep_top_k`` keeps them); latest, best and other names are never touched. Each
+    deletion takes the run's lock, as a training run's retention does.
 
     **Arguments:**
 
     - `run`: the run, ``<registry>/<run_id>`` (a local path or a URL).
     - `keep`: how many numbered checkpoints to keep (>= 1).
     - `keep_period`: also keep, without counting them, steps that are multiples of it.
+    - `keep_top_k`, `metric`, `maximize`: also keep the ``keep_top_k`` numbered
+      checkpoints with the best value of ``metric`` stored with them (lowest unless
+      ``maximize``; NaN or none never ranks). Reads their manifests; ``OSError`` and
+      nothing deleted when one cannot be read.
     - `dry_run`: only say what would be deleted.
     - `storage_options`: options for the fsspec filesystem of a URL.
 
@@ -508,18 +516,28 @@ def prune(
 
     **Example:** `prune("runs/mlp", keep=3, dry_run=True)`
     """
-    for name, value, low in (("keep", keep, 1), ("keep_period", keep_period, 1)):
-        if value is None and name == "keep_period":
+    for name, value in (("keep", keep), ("keep_period", keep_period), ("keep_top_k", keep_top_k)):
+        if value is None and name != "keep":
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if keep_top_k is not None and not metric:
+        raise ValueError("keep_top_k needs the metric that ranks the checkpoints")
     storage, run = open_storage(str(run), storage_options)
     if path_kind(storage, run) != "run":
         raise FileNotFoundError(f"Not a run (no checkpoints directory): {run}")
     directory = RunDirectory(storage, checkpoints_dir(storage, run))
-    names = [
-        checkpoint_name(s) for s in retention_victims(directory.numbered_steps(), keep, keep_period)
-    ]
+    steps = directory.numbered_steps()
+    best = None
+    if keep_top_k is not None:
+        from ._top_k import TopK  # imports jax: only when ranking
+
+        best = TopK(directory, None, k=keep_top_k, metric_name=str(metric)).best_steps(
+            steps, minimize=not maximize
+        )
+        if best is None:
+            raise OSError(f"{run}: the {metric!r} of a numbered checkpoint cannot be read")
+    names = [checkpoint_name(s) for s in retention_victims(steps, keep, keep_period, best)]
     if dry_run:
         return [directory.join(n) for n in names]
     failed = [n for n in names if not directory.delete(n)]
