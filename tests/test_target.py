@@ -376,3 +376,19 @@ def test_allow_cast_applies_to_a_legacy_pickle_too(make_checkpointer):
         ckpt.load_latest(target=target)
     restored = ckpt.load_latest(target=target, allow_cast=True)["state"]
     np.testing.assert_array_equal(_bits(restored["w"]), _bits(weights.astype(jnp.bfloat16)))
+
+
+@pytest.mark.parametrize("dtype", ["int4", "uint4"])
+def test_allow_cast_restores_ints_into_the_narrow_ints_of_ml_dtypes(make_checkpointer, dtype):
+    import ml_dtypes
+
+    narrow = np.dtype(getattr(ml_dtypes, dtype))
+    ckpt = saved_checkpointer(make_checkpointer, {"a": np.array([0, 1, 7], np.int8)})
+
+    restored = ckpt.load_checkpoint(1, target={"a": np.zeros(3, narrow)}, allow_cast=True)
+
+    assert restored["state"]["a"].dtype == narrow
+    assert restored["state"]["a"].astype(np.int8).tolist() == [0, 1, 7]
+    with pytest.raises(ValueError, match=r"Leaf at \['a'\].*do not fit"):
+        ckpt = saved_checkpointer(make_checkpointer, {"a": np.array([0, 16], np.int8)})
+        ckpt.load_checkpoint(1, target={"a": np.zeros(2, narrow)}, allow_cast=True)

@@ -27,6 +27,7 @@ from ._lazy_import import LazyModule
 jax = LazyModule("jax", globals())
 jtu = LazyModule("jax.tree_util", globals(), "jtu")
 np = LazyModule("numpy", globals(), "np")
+ml_dtypes = LazyModule("ml_dtypes", globals())
 
 
 @functools.cache
@@ -272,7 +273,7 @@ def _cast(arr: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
     if arr.dtype == dtype:
         return arr
     if jax.dtypes.issubdtype(dtype, np.integer) and arr.size:
-        info = np.iinfo(dtype)
+        info = ml_dtypes.iinfo(dtype)  # numpy's knows no int4/uint4/int2/uint2
         low, high = arr.min(), arr.max()
         if low < info.min or high > info.max:
             raise ValueError(
