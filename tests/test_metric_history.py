@@ -648,3 +648,31 @@ def test_on_s3_a_program_that_ends_without_close_keeps_its_reports(s3_registry):
     assert done.returncode == 0, done.stderr
     history = read_metric_history(f"{url}/run", storage_options=options)
     assert reports(history, "loss") == [(s, float(s)) for s in range(1, 6)]
+
+
+def test_on_an_object_store_a_failed_segment_write_keeps_its_records_for_the_next_commit(
+    monkeypatch,
+):
+    from learnax.checkpoint._storage import fsspec as fsspec_storage
+
+    pytest.importorskip("fsspec")
+    url = f"memory://learnax-{uuid.uuid4().hex[:12]}"
+    original = fsspec_storage.FsspecStorage.replace_atomic
+    failures = []
+
+    def fails_once(self, path, *args, **kwargs):
+        if "/history/" in path and not failures:
+            failures.append(path)
+            raise OSError(104, "Connection reset by peer")  # transient
+        return original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(fsspec_storage.FsspecStorage, "replace_atomic", fails_once)
+    ckpt = Checkpointer(url, "run", save_every=100, checkpoint_every=None)
+    for step in range(1, 301):
+        ckpt.maybe_save_checkpoints(small_state(), step, {"loss": float(step)})
+    ckpt.close()
+
+    assert failures  # the segment of the commit at step 100 failed once
+    history = read_metric_history(f"{url}/run")
+    assert reports(history, "loss") == [(s, float(s)) for s in range(1, 301)]
+    assert saves(history) == [(100, "latest"), (200, "latest"), (300, "latest")]

@@ -425,8 +425,11 @@ class HistoryWriter:
                 e,
             )
             self._logged = self._failed = True
-            self._buffer.clear()
-            self._buffered = 0
+            # Object stores: the records kept in memory stay there for the next commit
+            # to write again (a segment written twice is read once: records are known
+            # by (session, n)); beyond the history's bound, the oldest are dropped.
+            while self._buffer and self._buffered > self._max_bytes:
+                self._buffered -= len(self._buffer.pop(0))
             self._close_fd()
 
     def _commit(self, name: str, step: int) -> None:
