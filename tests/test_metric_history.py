@@ -285,9 +285,38 @@ def test_a_run_started_afresh_under_the_same_id_supersedes_the_old_history(make_
         old.maybe_save_checkpoints(small_state(), step, {"loss": 1.0})
     old.close()
     new = make_checkpointer(save_every=None, checkpoint_every=None)
+    assert new.load_latest() is None  # what a training script does first: nothing to resume
     for step in range(0, 30, 10):
         new.maybe_save_checkpoints(small_state(), step, {"loss": 2.0})
     assert reports(new.metric_history(), "loss") == [(0, 2.0), (10, 2.0), (20, 2.0)]
+
+
+def test_reports_of_a_checkpointer_that_resumed_nothing_are_added_not_superseding(
+    make_checkpointer,
+):
+    train = make_checkpointer(save_every=None, checkpoint_every=None)
+    for step in range(10, 60, 10):
+        train.maybe_save_checkpoints(small_state(), step, {"loss": float(step)})
+    train.close()
+    evaluation = make_checkpointer(save_every=None, checkpoint_every=None)
+    evaluation.maybe_save_checkpoints(small_state(), 20, {"eval/acc": 0.5})
+    evaluation.close()
+    history = read_metric_history(evaluation.checkpoint_dir)
+    assert reports(history, "loss") == [(s, float(s)) for s in range(10, 60, 10)]
+    assert reports(history, "eval/acc") == [(20, 0.5)]
+
+
+@pytest.mark.parametrize("load", ["best", "step"])
+def test_loading_best_or_a_step_to_evaluate_it_drops_no_report(make_checkpointer, load):
+    ckpt = make_checkpointer(save_every=300, checkpoint_every=200, keep_best=True)
+    for step in range(50, 601, 50):
+        ckpt.maybe_save_checkpoints(small_state(), step, {"val/loss": abs(step - 200) + 1.0})
+    loaded = ckpt.load_best() if load == "best" else ckpt.load_checkpoint(200)
+    assert loaded["step"] == 200
+    ckpt.save_checkpoint(loaded["state"], step=200, suffix="final", metrics={"test/acc": 0.9})
+    got = reports(ckpt.metric_history(), "val/loss")
+    assert got == [(s, abs(s - 200) + 1.0) for s in range(50, 601, 50)]
+    assert reports(ckpt.metric_history(), "test/acc") == [(200, 0.9)]
 
 
 def test_a_load_after_reports_starts_a_new_timeline_from_the_loaded_step(make_checkpointer):
@@ -310,10 +339,21 @@ def test_the_timeline_rule():
     second = [rec(2, 0, 25, resumed=20), rec(2, 1, 35)]
     kept = _history.timeline(first + second + first[:2])  # duplicates: one of each
     assert [(r["session"], r["step"]) for r in kept] == [(1, 10), (1, 20), (2, 25), (2, 35)]
-    # Not known where it resumed from: its first step decides.
-    third = [rec(3, 0, 20), rec(3, 1, 50)]
+    # Its first step decides when that is earlier than where it says it resumed.
+    third = [rec(3, 0, 15, resumed=30), rec(3, 1, 50)]
     kept = _history.timeline(first + second + third)
-    assert [(r["session"], r["step"]) for r in kept] == [(1, 10), (3, 20), (3, 50)]
+    assert [(r["session"], r["step"]) for r in kept] == [(1, 10), (3, 15), (3, 50)]
+    # A session that did not resume (an evaluation job) only adds its records.
+    fourth = [rec(4, 0, 20), rec(4, 1, 45)]
+    kept = _history.timeline(first + second + fourth)
+    assert [(r["session"], r["step"]) for r in kept] == [
+        (1, 10),
+        (1, 20),
+        (4, 20),
+        (2, 25),
+        (2, 35),
+        (4, 45),
+    ]
 
 
 def test_a_torn_last_line_is_skipped(make_checkpointer, registry):

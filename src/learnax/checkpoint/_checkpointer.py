@@ -600,9 +600,9 @@ class Checkpointer:
         :meth:`maybe_save_checkpoints` or :meth:`save_checkpoint`, and every checkpoint
         committed, as one timeline, whichever process or earlier session wrote it.
 
-        After a resume from an earlier checkpoint, what the abandoned timeline recorded
-        past that checkpoint is left out: each step appears as the run that went on
-        reported it. Long histories are thinned (oldest reports first) to stay within
+        After a resume by :meth:`load_latest` from an earlier checkpoint, what the
+        abandoned timeline recorded past that checkpoint is left out: each step appears
+        as the run that went on reported it (other loads are no resume and drop nothing). Long histories are thinned (oldest reports first) to stay within
         ``LEARNAX_HISTORY_MAX_BYTES`` (16 MiB); see ``docs/format.md``.
 
         **Arguments:** none.
@@ -706,13 +706,9 @@ class Checkpointer:
         return self._found(self._load("best", target, allow_pickle, allow_cast))
 
     def _found(self, loaded: LoadedCheckpoint | None) -> LoadedCheckpoint | None:
-        """``loaded``; when it is ``None``, first the warning of a likely mistyped run id.
-        The metric history continues from a loaded checkpoint's step: what an earlier
-        session recorded past it is superseded (see :meth:`metric_history`)."""
+        """``loaded``; when it is ``None``, first the warning of a likely mistyped run id."""
         if loaded is None:
             self._warn_if_mistyped()
-        elif isinstance(loaded.get("step"), int):
-            self._history.resumed(loaded["step"])
         return loaded
 
     def _warn_if_mistyped(self, stacklevel: int = 4) -> None:
@@ -751,16 +747,22 @@ class Checkpointer:
             loaded, vanished = self._load_newest(target, allow_cast)
             if loaded is not None or not vanished:
                 break
-        if loaded is not None:
-            return loaded
-        return _legacy.load_newest_legacy(
-            self._storage,
-            self.checkpoint_dir,
-            self._run.legacy_files(),
-            allow_pickle,
-            target,
-            allow_cast,
-        )
+        if loaded is None:
+            loaded = _legacy.load_newest_legacy(
+                self._storage,
+                self.checkpoint_dir,
+                self._run.legacy_files(),
+                allow_pickle,
+                target,
+                allow_cast,
+            )
+        # A run resumes from what load_latest gives (nothing: from the start): the metric
+        # history continues from there, superseding what an abandoned timeline recorded
+        # past it (see metric_history). Other loads (best, a step) are no resume.
+        step = loaded.get("step") if loaded is not None else -1
+        if isinstance(step, int):
+            self._history.resumed(step)
+        return loaded
 
     def _load_newest(self, target: Any, allow_cast: bool) -> tuple[LoadedCheckpoint | None, bool]:
         """The newest checkpoint that verifies, damaged ones skipped with a warning (on

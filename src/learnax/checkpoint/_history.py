@@ -23,9 +23,12 @@ segments are removed. Reports that happen to be jax arrays are written once the 
 has computed them, never waited for on the step that reports them.
 
 Reading (:func:`read_history`) merges every segment, skips a torn last line, and makes
-one timeline: a session supersedes every record of an earlier session whose step is at
-or past where it took over (the step after the checkpoint it resumed from, or else its
-first record's step): what a crash and a resume from an earlier checkpoint abandoned.
+one timeline: a session that resumed (``load_latest``, which a restarted training run
+calls) supersedes every record of an earlier session whose step is at or past where
+it took over (the step after the checkpoint it resumed from, or its first record's
+step if smaller): what a crash and a resume from an earlier checkpoint abandoned. Other
+sessions only add records: loading ``best`` or a numbered checkpoint to evaluate it
+never drops what training reported.
 """
 
 from __future__ import annotations
@@ -200,10 +203,11 @@ def read_records(
 
 
 def timeline(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One timeline of ``records``: each record once (by ``(session, n)``); each session
-    supersedes the records of earlier sessions at or past the step where it took
-    over, that is ``resumed + 1`` when its first record says where it resumed from,
-    else its first record's step (the smaller of the two when both are known).
+    """One timeline of ``records``: each record once (by ``(session, n)``); a session
+    that resumed (its first record says from which step: ``load_latest``) supersedes
+    the records of earlier sessions at or past the step where it took over, the
+    smaller of ``resumed + 1`` and its first record's step; a session that did not
+    (an evaluation job's reports, reports after ``load_best``) only adds its records.
     Sorted by step, then session, then ``n``."""
     sessions: dict[int, dict[int, dict[str, Any]]] = collections.defaultdict(dict)
     for record in records:
@@ -211,11 +215,10 @@ def timeline(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     kept: list[dict[str, Any]] = []
     for session in sorted(sessions):
         own = [sessions[session][n] for n in sorted(sessions[session])]
-        takeover = own[0]["step"]
         resumed = own[0].get("resumed")
         if isinstance(resumed, int) and not isinstance(resumed, bool):
-            takeover = min(takeover, resumed + 1)
-        kept = [r for r in kept if r["step"] < takeover]
+            takeover = min(own[0]["step"], resumed + 1)
+            kept = [r for r in kept if r["step"] < takeover]
         kept.extend(own)
     kept.sort(key=lambda r: (r["step"], r["session"], r["n"]))
     return kept
