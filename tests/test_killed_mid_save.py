@@ -336,6 +336,7 @@ class RunHistory:
     def __init__(self) -> None:
         self.highest_begun = -1  # highest step any child began to save
         self.latest_step = -1  # what load_latest() returned after the previous kill
+        self.numbered = 0  # how many numbered checkpoints the previous kill left
         self.best_loss = math.inf  # the metric of the best checkpoint after the previous kill
         self.cleaned = 0  # trials after which the fresh Checkpointer had leftovers to remove
         self.landed: collections.Counter[str] = collections.Counter()
@@ -375,8 +376,14 @@ def check_after_kill(registry: str, log, history: RunHistory, reader: Checkpoint
     numbered = numbered_steps(reader)
     assert set(listing) <= {"latest", "best"} | {f"step_{s}" for s in numbered}, listing
     assert all(s % 2 == 0 for s in numbered), numbered
-    # A kill between a numbered save and its retention leaves one more than max_to_keep.
-    assert len(numbered) <= POLICY["max_to_keep"] + 1, numbered
+    # A kill between a numbered save's commit and its retention leaves one more than
+    # it found. Kills can land there trial after trial (a new writer prunes at its
+    # first numbered save, not before); a numbered save that returned pruned to
+    # max_to_keep, so at most its own successor's commit can come on top of that.
+    pruned = any(f[0] == "SAVED" and "numbered" in f[2].split(",") for _, f in log)
+    found = POLICY["max_to_keep"] if pruned else max(history.numbered, POLICY["max_to_keep"])
+    assert len(numbered) <= found + 1, (numbered, f"the previous kill left {history.numbered}")
+    history.numbered = len(numbered)
     if "best" in steps:
         best = loss(steps["best"])
         assert best <= history.best_loss, f"the best went from {history.best_loss} to {best}"
@@ -573,3 +580,21 @@ def test_a_damaged_checkpoint_fails_the_check(helper, tmp_path):
     history.highest_begun = 10**6
     with pytest.raises(Exception, match="damaged"):
         check_after_kill(registry, [], history, ckpt)
+
+
+def test_kills_before_retention_trial_after_trial_are_pruned_by_the_next_numbered_save(
+    helper, tmp_path
+):
+    """Two kills in a row between a numbered commit and its retention leave two
+    checkpoints beyond max_to_keep (the check allows it, and can tell); the next
+    numbered save that completes prunes back to exactly max_to_keep, newest kept."""
+    registry = str(tmp_path / "registry")
+    stop = ["remove", r"^state_\d+/manifest\.json$", 1]
+    run_trials(helper, registry, [{"stop": stop}, {"stop": stop}], "kills before retention")
+    ckpt = Checkpointer(registry, RUN, **POLICY)
+    left = numbered_steps(ckpt)
+    assert len(left) == POLICY["max_to_keep"] + 2, left
+    step = left[-1] + POLICY["checkpoint_every"]
+    saved = ckpt.maybe_save_checkpoints(make_state(step), step, {"loss": loss(step)})
+    assert "numbered" in saved
+    assert numbered_steps(ckpt) == [step - POLICY["checkpoint_every"], step]
