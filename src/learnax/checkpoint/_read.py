@@ -284,18 +284,19 @@ class CheckpointReader:
             # Every stored tensor checked against the manifest before anything is
             # allocated: n crafted entries cannot reserve n times the files' size.
             whole = len(shards) == 1 and "slice" not in shards[0]
-            for shard, region in zip(
-                shards, [None] if whole else self._regions(name, shards, shape), strict=True
-            ):
-                piece = shape if region is None else tuple(r.stop - r.start for r in region)
-                self._locate(shard, dtype, piece)
+            if whole:
+                offset, crc = self._locate(shards[0], dtype, shape)
+            else:
+                for shard, region in zip(shards, self._regions(name, shards, shape), strict=True):
+                    self._locate(shard, dtype, tuple(r.stop - r.start for r in region))
             try:
                 out = np.empty(shape, dtype)
             except (ValueError, MemoryError) as e:
                 raise CheckpointCorruptedError(f"{self._where}: array {name!r}: {e}") from None
             outs[name] = out
             if whole:
-                reads.append(self._plan(shards[0], out))
+                view = out.reshape(-1).view(np.uint8)
+                reads.append(_Read(shards[0]["file"], offset, view, crc, shards[0]["tensor"]))
                 continue
             for shard, region in zip(shards, self._regions(name, shards, out.shape), strict=True):
                 piece = np.empty(tuple(r.stop - r.start for r in region), out.dtype)
