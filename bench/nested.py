@@ -18,7 +18,6 @@ import contextlib
 import gc
 import json
 import os
-import pickle
 import shutil
 import statistics
 import tempfile
@@ -33,8 +32,8 @@ from run import (
     MiB,
     OrbaxMethod,
     PickleMethod,
+    SafetensorsMethod,
     Stopwatch,
-    _fsync_path,
     format_table,
     learnax_has_async,
     machine_info,
@@ -229,49 +228,18 @@ class PickleNoFsyncMethod(PickleMethod):
     """The original learnax's pickle, without the fsync it never did."""
 
     name = "pickle_nofsync"
-
-    def _path(self, step: int) -> str:
-        return os.path.join(self.directory, f"nofsync_{step}.pyd")
-
-    def save(self, step: int, probe: Any) -> None:
-        import jax
-
-        with probe.span("pickle_nofsync_save"):
-            record = {"state": jax.device_get(self.state), "step": step, "time": time.time()}
-            with open(self._path(step), "wb") as f:
-                pickle.dump(record, f)
-            del record
+    fsync = False
 
     def load(self, step: int, probe: Any, before_read: Callable[[], None]) -> None:
         pass  # the same bytes as the pickle with fsync: its load row covers it
 
 
-class FlatSafetensorsMethod(Method):
+class FlatSafetensorsMethod(SafetensorsMethod):
     """``safetensors.numpy.save_file`` of the flattened leaves (named by tree path,
     flattened inside the timing), fsync; ``load_file`` (a flat dict back)."""
 
-    name = "safetensors"
-
-    def _path(self, step: int) -> str:
-        return os.path.join(self.directory, f"state_{step}.safetensors")
-
-    def save(self, step: int, probe: Any) -> None:
-        import jax
-        from safetensors.numpy import save_file
-
-        with probe.span("safetensors_save"):
-            save_file(jax.device_get(flat_named(self.state)), self._path(step))
-            _fsync_path(self._path(step))
-
-    def load(self, step: int, probe: Any, before_read: Callable[[], None]) -> None:
-        from safetensors.numpy import load_file
-
-        with probe.span("safetensors_load"):
-            loaded = load_file(self._path(step))
-        del loaded
-
-    def clean(self, step: int) -> None:
-        os.remove(self._path(step))
+    def _tensors(self) -> Any:
+        return flat_named(self.state)
 
 
 METHODS: dict[str, Callable[[str, Any], Method]] = {
