@@ -34,8 +34,8 @@ from run import (
     PickleMethod,
     SafetensorsMethod,
     Stopwatch,
+    choose_methods,
     format_table,
-    learnax_has_async,
     machine_info,
     quiet_logging,
     versions,
@@ -339,7 +339,6 @@ NESTED_ROWS = [
 def nested_part(
     root: str, reps: int, warmup: int, peers: list[str], out: Callable[[str], None]
 ) -> dict[str, Any]:
-    import importlib
 
     state = make_transformer_state()
     leaves, nbytes, smallest, largest = tree_stats(state)
@@ -348,19 +347,7 @@ def nested_part(
         f"seq 4096: {leaves:,} jax leaves, {nbytes:,} bytes ({nbytes / MiB:.2f} MiB), "
         f"leaves of {smallest:,} B to {largest / MiB:.0f} MiB"
     )
-    names = ["raw", "learnax"]
-    skipped = []
-    if learnax_has_async():
-        names.append("learnax_async")
-    else:
-        skipped.append("learnax async: skipped (this Checkpointer has no async_save)")
-    for peer in peers:
-        try:
-            importlib.import_module(PEER_MODULES[peer])
-        except ImportError as e:
-            skipped.append(f"{peer}: skipped (cannot import {PEER_MODULES[peer]}: {e})")
-        else:
-            names.append(peer)
+    names, skipped = choose_methods(peers, PEER_MODULES)
     methods = [METHODS[n](os.path.join(root, f"nested-{n}"), state) for n in names]
     # A peer that fails on this state (Orbax on a jax it does not support) is reported
     # and dropped, not allowed to stop the run.

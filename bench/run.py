@@ -736,7 +736,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def choose_methods(peers: list[str]) -> tuple[list[str], list[str]]:
+def choose_methods(
+    peers: list[str], modules: dict[str, str] = PEER_MODULES
+) -> tuple[list[str], list[str]]:
+    """The methods to time (the peers whose module imports) and a line for each left
+    out; ``modules`` names the module each peer needs."""
     methods, skipped = ["raw", "learnax"], []
     if learnax_has_async():
         methods.append("learnax_async")
@@ -744,9 +748,9 @@ def choose_methods(peers: list[str]) -> tuple[list[str], list[str]]:
         skipped.append("learnax async: skipped (this Checkpointer has no async_save yet)")
     for peer in peers:
         try:
-            importlib.import_module(PEER_MODULES[peer])
+            importlib.import_module(modules[peer])
         except ImportError as e:
-            skipped.append(f"{peer}: skipped (cannot import {PEER_MODULES[peer]}: {e})")
+            skipped.append(f"{peer}: skipped (cannot import {modules[peer]}: {e})")
         else:
             methods.append(peer)
     return methods, skipped
