@@ -676,43 +676,18 @@ def dedup_part(root: str, reps: int, frozen_mib: int, out: Callable[[str], None]
         shutil.rmtree(os.path.join(root, f"latest-{rep}"), ignore_errors=True)
 
     med = statistics.median
+
+    def row(label: str, times: list[float], against: list[float] | None) -> list[str]:
+        ratio = "-" if against is None else f"{med(times) / med(against):.2f}"
+        return [label, str(len(times)), _ms(med(times)), _ms(min(times)), ratio]
+
     rows = [
-        ["first save (full)", str(len(first)), _ms(med(first)), _ms(min(first)), "1.00"],
-        [
-            "later saves (incremental)",
-            str(len(later)),
-            _ms(med(later)),
-            _ms(min(later)),
-            f"{med(later) / med(first):.2f}",
-        ],
-        [
-            "save_latest, step 1",
-            str(len(latest_first)),
-            _ms(med(latest_first)),
-            _ms(min(latest_first)),
-            "-",
-        ],
-        [
-            "latest+numbered+best due, step 1",
-            str(len(all_due_first)),
-            _ms(med(all_due_first)),
-            _ms(min(all_due_first)),
-            f"{med(all_due_first) / med(latest_first):.2f}",
-        ],
-        [
-            "save_latest, steps 2-4",
-            str(len(latest_only)),
-            _ms(med(latest_only)),
-            _ms(min(latest_only)),
-            "-",
-        ],
-        [
-            "latest+numbered+best due, steps 2-4",
-            str(len(all_due)),
-            _ms(med(all_due)),
-            _ms(min(all_due)),
-            f"{med(all_due) / med(latest_only):.2f}",
-        ],
+        row("first save (full)", first, first),
+        row("later saves (incremental)", later, first),
+        row("save_latest, step 1", latest_first, None),
+        row("latest+numbered+best due, step 1", all_due_first, latest_first),
+        row("save_latest, steps 2-4", latest_only, None),
+        row("latest+numbered+best due, steps 2-4", all_due, latest_only),
     ]
     out(format_table(rows, False, ["operation", "n", "median ms", "min ms", "ratio"]))
     disk = med(on_disk)
