@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import os
 import shutil
 import statistics
@@ -35,6 +34,7 @@ from run import (
     SafetensorsMethod,
     Stopwatch,
     choose_methods,
+    finish_report,
     format_table,
     machine_info,
     quiet_logging,
@@ -781,12 +781,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(root if made_root else work, ignore_errors=True)
-    report["elapsed_s"] = time.perf_counter() - started
-    out(f"total run time: {report['elapsed_s']:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-        out(f"timings written to {args.json}")
+    finish_report(report, started, args.json, out, "timings")
 
 
 if __name__ == "__main__":

@@ -841,13 +841,23 @@ def main(argv: list[str] | None = None) -> None:
         )
     finally:
         shutil.rmtree(root if made_root else work, ignore_errors=True)
-    elapsed = time.perf_counter() - started
-    report["elapsed_s"] = elapsed
-    out(f"total run time: {elapsed:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
+    finish_report(report, started, args.json, out, "raw timings")
+
+
+def finish_report(
+    report: dict[str, Any],
+    started: float,
+    json_path: str | None,
+    out: Callable[[str], None],
+    what: str,
+) -> None:
+    """Print the total run time; write ``report`` (with it) to ``json_path`` if given."""
+    report["elapsed_s"] = time.perf_counter() - started
+    out(f"total run time: {report['elapsed_s']:.0f} s")
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(report, f, indent=1)
-        out(f"raw timings written to {args.json}")
+        out(f"{what} written to {json_path}")
 
 
 if __name__ == "__main__":

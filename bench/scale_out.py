@@ -757,12 +757,7 @@ def main(argv: list[str] | None = None) -> None:
             report["multihost"] = run_multihost(args, work, out)
     finally:
         shutil.rmtree(root if made_root else work, ignore_errors=True)
-    report["elapsed_s"] = time.perf_counter() - started
-    out(f"total run time: {report['elapsed_s']:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-        out(f"every rep's figures written to {args.json}")
+    bench_run.finish_report(report, started, args.json, out, "every rep's figures")
 
 
 if __name__ == "__main__":
