@@ -44,7 +44,7 @@ import numpy as np
 import pytest
 from helpers import assert_tree_equal, is_lock_file
 
-from learnax.checkpoint import CheckpointCorruptedError, Checkpointer, prune, verify
+from learnax.checkpoint import CheckpointCorruptedError, Checkpointer, _superseded, prune, verify
 from learnax.checkpoint import _write as learnax_write
 
 MANIFEST = "manifest.json"
@@ -476,6 +476,110 @@ def test_save_after_its_link_source_was_deleted_by_hand_writes_instead(
     assert_tree_equal(expected_state(1), ckpt.load_checkpoint(1)["state"])
     save_numbered(ckpt, frozen, [4])  # and the save after takes from the new one
     assert_tree_equal(expected_state(4), ckpt.load_checkpoint(4)["state"])
+    assert_self_contained(Path(ckpt.checkpoint_dir))
+
+
+def test_latest_deleted_by_hand_is_written_again_not_taken_from_itself(make_checkpointer):
+    """``state_latest`` removed by hand (or by a lifecycle rule) between two saves whose
+    frozen part is unchanged: the next latest save cannot take its files from where
+    they were; it writes them, and that latest loads."""
+    ckpt = make_checkpointer(save_every=1, checkpoint_every=None)
+    frozen = frozen_jax()
+    ckpt.maybe_save_checkpoints(train_state(frozen, 1), 1)
+    shutil.rmtree(checkpoint_path(ckpt, "latest"))
+    assert "latest" in ckpt.maybe_save_checkpoints(train_state(frozen, 2), 2)
+    assert_tree_equal(expected_state(2), ckpt.load_checkpoint("latest")["state"])
+    assert ckpt.load_latest()["step"] == 2
+    assert_self_contained(Path(ckpt.checkpoint_dir))
+
+
+def test_memory_fs_latest_deleted_by_hand_is_written_again(tmp_path):
+    """The same on the fsspec back-end (``memory://``, an object store to learnax)."""
+    fsspec = pytest.importorskip("fsspec")
+    registry = f"memory://learnax-{uuid.uuid4().hex[:12]}"
+    ckpt = Checkpointer(registry, "run", save_every=1, checkpoint_every=None)
+    frozen = frozen_jax()
+    ckpt.maybe_save_checkpoints(train_state(frozen, 1), 1)
+    fsspec.filesystem("memory").rm(f"{ckpt.checkpoint_dir}/state_latest", recursive=True)
+    assert "latest" in ckpt.maybe_save_checkpoints(train_state(frozen, 2), 2)
+    fresh = Checkpointer(registry, "run")
+    assert_tree_equal(expected_state(2), fresh.load_checkpoint("latest")["state"])
+
+
+def test_numbered_source_deleted_then_latest_is_written_not_taken_from_itself(
+    make_checkpointer,
+):
+    """The last commit (numbered, holding the frozen part) removed by hand; the latest
+    saved next cannot take the file from it, and a file of that name in latest's own
+    directory is no copy of it (latest held other bytes): the arrays are written."""
+    ckpt = make_checkpointer(save_every=None, checkpoint_every=None)
+    frozen = frozen_jax()
+    ckpt.save_latest(train_state(frozen_jax(), 0), step=0)  # other frozen objects
+    ckpt.save_checkpoint(train_state(frozen, 1), step=1)
+    shutil.rmtree(checkpoint_path(ckpt, 1))
+    assert ckpt.save_latest(train_state(frozen, 2), step=2) is not None
+    assert_tree_equal(expected_state(2), ckpt.load_checkpoint("latest")["state"])
+    assert_self_contained(Path(ckpt.checkpoint_dir))
+
+
+@pytest.mark.parametrize("grace", ["pending", "none"])
+def test_a_file_one_writer_retired_and_the_other_took_back_is_never_removed(
+    make_checkpointer, monkeypatch, grace
+):
+    """Two writers of one run (safe on a local disk): writer 2's latest replaces writer
+    1's, retiring its files; writer 1 then saves latest with the same frozen objects
+    and takes its old file back in place. Removing what writer 2 retired (when its
+    grace time ends, here at once) must leave the file the committed latest names;
+    with no grace time, the file is gone already and writer 1 writes it again."""
+    # (The suite runs without a grace time: conftest.py.)
+    monkeypatch.setattr(_superseded, "SUPERSEDED_GRACE_S", 60.0 if grace == "pending" else 0.0)
+    one = make_checkpointer(save_every=1, checkpoint_every=None)
+    two = make_checkpointer(save_every=1, checkpoint_every=None)
+    frozen = frozen_jax()
+    # Each writer's first commit removes the leftovers at once (the run's lock held):
+    # both are past it before the file is retired.
+    two.maybe_save_checkpoints(train_state(frozen_jax(), 0), 0)
+    one.maybe_save_checkpoints(train_state(frozen, 1), 1)
+    taken_back = files_holding(checkpoint_path(one, "latest"), "frozen/")
+    two.maybe_save_checkpoints(train_state(frozen_jax(), 2), 2)
+    one.maybe_save_checkpoints(train_state(frozen, 3), 3)
+    if grace == "pending":
+        assert files_holding(checkpoint_path(one, "latest"), "frozen/") == taken_back
+    _superseded.remove_now()  # every grace time over
+    assert_tree_equal(expected_state(3), one.load_checkpoint("latest")["state"])
+    assert verify(str(Path(one.checkpoint_dir).parent)) == []
+
+
+def test_a_copy_cut_short_is_never_taken_as_the_file(make_checkpointer, monkeypatch):
+    """Without hard links a taken file is copied; a copy that fails half-way (a full
+    disk) leaves nothing under the file's name, the save writes the arrays instead,
+    and the checkpoint loads."""
+    from learnax.checkpoint._storage import local
+
+    def no_hard_links(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    real_copy = shutil.copyfileobj
+    failures = [1]
+
+    def copy_fails_once(src, dst, length=0):
+        if failures and failures.pop():
+            dst.write(src.read(1000))
+            dst.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_copy(src, dst, length)
+
+    ckpt = make_checkpointer(save_every=None, checkpoint_every=None)
+    frozen = frozen_jax()
+    ckpt.save_latest(train_state(frozen_jax(), 0), step=0)
+    ckpt.save_checkpoint(train_state(frozen, 1), step=1)
+    monkeypatch.setattr(os, "link", no_hard_links)
+    monkeypatch.setattr(local.shutil, "copyfileobj", copy_fails_once)
+    assert ckpt.save_latest(train_state(frozen, 2), step=2) is not None
+    monkeypatch.undo()
+    assert not failures, "the copy was never tried"
+    assert_tree_equal(expected_state(2), ckpt.load_checkpoint("latest")["state"])
+    assert_tree_equal(expected_state(1), ckpt.load_checkpoint(1)["state"])
     assert_self_contained(Path(ckpt.checkpoint_dir))
 
 

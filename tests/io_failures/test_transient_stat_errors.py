@@ -534,3 +534,42 @@ def test_retention_while_an_old_checkpoint_cannot_be_examined_keeps_the_newest_m
     assert_loads(ckpt.load_best(), BEST_STEP)
     if "step_2" in ckpt.list_available_checkpoints():
         assert_loads(ckpt.load_checkpoint(2), 2)
+
+
+@pytest.mark.parametrize("applied", [True, False], ids=["applied", "not-applied"])
+def test_fsspec_filesystem_with_directories_reads_a_lost_move_reply_back(tmp_path, applied):
+    """On an fsspec filesystem with directories (sftp, hdfs, smb...) the manifest is
+    written beside its place and moved over it. A move that reports an error after it
+    was applied (a lost reply) is a commit: the save returns its path and its data
+    files stay. One that was not applied fails the save and the old checkpoint loads."""
+    fsspec = pytest.importorskip("fsspec")
+    from fsspec.implementations.local import LocalFileSystem
+
+    class LostMoveReply(LocalFileSystem):
+        protocol = "lostmove"
+        root_marker = "/"
+        armed = False
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return super()._strip_protocol(path.replace("lostmove://", "/", 1))
+
+        def mv(self, path1, path2, **kwargs):
+            if LostMoveReply.armed and str(path2).endswith("manifest.json"):
+                LostMoveReply.armed = False
+                if applied:
+                    super().mv(path1, path2, **kwargs)
+                raise OSError(errno.EIO, "Input/output error (the reply was lost)")
+            return super().mv(path1, path2, **kwargs)
+
+    fsspec.register_implementation("lostmove", LostMoveReply, clobber=True)
+    registry = "lostmove://" + str(tmp_path / "registry").lstrip("/")
+    ckpt = Checkpointer(registry, "run")
+    assert ckpt.save_latest(small_state(1), step=1) is not None
+    LostMoveReply.armed = True
+    path = ckpt.save_latest(small_state(2), step=2)
+    assert not LostMoveReply.armed, "the move was never made"
+    step = 2 if applied else 1
+    assert (path is not None) == applied
+    loaded = Checkpointer(str(tmp_path / "registry"), "run").load_checkpoint("latest")
+    assert_loads(loaded, step)

@@ -179,20 +179,46 @@ def _take(
     storage: Storage, f: TakenFile, directory: str, elsewhere: Callable[[str], list[str]]
 ) -> bool | None:
     """Take ``f`` into ``directory``: whether that created the file there, or ``None``
-    when no copy of it could be taken (its source deleted meanwhile, by hand or by a
-    retention that kept later steps)."""
+    when no whole copy of it could be taken (its source deleted meanwhile, by hand, by
+    another writer or by a retention that kept later steps)."""
     path = storage.join(directory, f.name)
     try:
-        return storage.take(f.source, path)
+        return _take_whole(storage, f, f.source, path)
     except OSError as e:
         error = e
-    # Data file names are unique to one save's bytes: any committed copy will do.
+    # Data file names are unique to one save's bytes: any committed copy will do, but
+    # never ``path`` itself (just found missing or cut short).
     for source in elsewhere(f.name):
-        if source != f.source:
+        if source not in (f.source, path):
             with contextlib.suppress(OSError):
-                return storage.take(source, path)
+                return _take_whole(storage, f, source, path)
     logger.info("Could not take %s (%s); writing its arrays instead", f.source, error)
     return None
+
+
+def _take_whole(storage: Storage, f: TakenFile, source: str, path: str) -> bool:
+    """``storage.take(source, path)``, then check that ``path`` has the size the
+    manifest will give it: a file "already there" may have been deleted by hand or by
+    another writer, or be a copy cut short. ``OSError`` when it has not; a file this
+    call made is removed again."""
+    made = storage.take(source, path)
+    try:
+        # A regular file (a link planted there is not followed), of the right size.
+        size = storage.size(path) if storage.kind(path) == "file" else None
+    except FileNotFoundError:
+        size = None
+    if size != f.entry["bytes"]:
+        if made:
+            with contextlib.suppress(OSError):
+                storage.remove(path)
+        raise OSError(
+            errno.EIO if size is not None else errno.ENOENT,
+            f"holds {size} bytes where {f.entry['bytes']} were taken"
+            if size is not None
+            else "is missing",
+            path,
+        )
+    return made
 
 
 def writable_checkpoint_dir(storage: Storage, directory: str) -> bool:
@@ -349,7 +375,7 @@ def commit(storage: Storage, directory: str, manifest: bytes, files: set[str]) -
         for name, kind in entries
         if kind == "file" and is_own_file(name) and name not in files
     ]
-    _superseded.retire(storage, superseded)
+    _superseded.retire(storage, directory, superseded)
 
 
 def _whole(leaf: _tree.ArrayLeaf) -> _Tensor:

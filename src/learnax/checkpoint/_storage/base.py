@@ -159,8 +159,10 @@ class Storage(Protocol):
         again: a hard link on a local disk (a copy where the filesystem has none), a
         server-side copy on an object store. Returns whether it created ``path``:
         ``False`` when ``path`` is ``source`` or exists already (data file names are
-        unique to one save's bytes, so a file of that name holds them). Durable as a
-        :meth:`write_durable` file is: the new entry needs :meth:`fsync_dir`."""
+        unique to one save's bytes, so a whole file of that name holds them: the
+        caller checks it is there and whole). ``path`` never names a partial copy.
+        Durable as a :meth:`write_durable` file is: the new entry needs
+        :meth:`fsync_dir`."""
         ...
 
     def replace_atomic(self, path: str, data: bytes, tmp_name: str) -> None:

@@ -248,11 +248,16 @@ class FsspecStorage:
         tmp = self.join(self.dirname(path), tmp_name)
         try:
             self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, path)
         except BaseException:
             with contextlib.suppress(Exception):
                 self.fs.rm_file(tmp)
             raise
+        try:
+            self.fs.mv(tmp, path)
+        except Exception as e:  # its reply may be lost, the move applied (as on NFS)
+            with contextlib.suppress(Exception):
+                self.fs.rm_file(tmp)
+            confirm_replaced(self, path, data, e)
 
     def fsync_dir(self, path: str) -> None:
         pass  # nothing to flush: an upload is durable once it completes

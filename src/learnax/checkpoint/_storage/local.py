@@ -16,6 +16,7 @@ import contextlib
 import errno
 import logging
 import os
+import secrets
 import shutil
 import stat
 import threading
@@ -221,13 +222,26 @@ class LocalStorage:
             if e.errno not in _NO_HARD_LINKS:
                 raise
             # A filesystem without hard links (FAT, some FUSE and network mounts): a
-            # copy on the disk, which still spares the transfer and the encoding.
+            # copy on the disk, which still spares the transfer and the encoding. It is
+            # made under a name of its own and renamed once whole and durable, so that
+            # ``path`` never names a copy cut short (a full disk, a kill); a copy that
+            # fails is removed, a killed one is a leftover the next writer removes.
+            if os.path.lexists(path):
+                return False
+            tmp = os.path.join(
+                os.path.dirname(path), f"data-{secrets.token_hex(8)}-copy.safetensors"
+            )
             with open(source, "rb") as src:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 try:
                     with os.fdopen(os.dup(fd), "wb") as dst:
                         shutil.copyfileobj(src, dst, 8 << 20)
                     sync_file(fd)
+                    os.rename(tmp, path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
                 finally:
                     os.close(fd)
         return True
