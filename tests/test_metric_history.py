@@ -425,6 +425,30 @@ def test_a_segment_of_lines_that_are_not_records_never_fails_training(
     assert not [r for r in caplog.records if "Cannot write" in r.getMessage()]
 
 
+@pytest.mark.parametrize("name", ["00000000-00000000.jsonl", "00000099-00000000.jsonl"])
+def test_a_directory_named_like_a_segment_is_skipped_and_left_alone(
+    make_checkpointer, registry, small_bound, caplog, name
+):
+    three_reports(make_checkpointer)
+    stray = Path(registry) / "run" / "history" / name  # sorted before the segment, or after
+    stray.mkdir()
+    with caplog.at_level(logging.WARNING, logger="learnax"):
+        history = read_metric_history(os.path.join(registry, "run"))
+    assert reports(history, "loss") == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert [r for r in caplog.records if name in r.getMessage()]
+    # A writer compacts around it: it never fails to remove it, nor removes it.
+    caplog.clear()
+    ckpt = make_checkpointer(save_every=50, checkpoint_every=None)
+    with caplog.at_level(logging.WARNING, logger="learnax"):
+        for step in range(4, 301):
+            ckpt.maybe_save_checkpoints(small_state(), step, {"loss": float(step)})
+        ckpt.close()
+    assert not [r for r in caplog.records if "Cannot write" in r.getMessage()]
+    assert stray.is_dir() and len(history_files(registry)) <= 3
+    steps = [s for s, _ in reports(ckpt.metric_history(), "loss")]
+    assert steps[:1] == [1] and steps[-10:] == list(range(291, 301))
+
+
 def test_any_error_of_the_history_is_logged_never_raised(
     make_checkpointer, small_bound, monkeypatch, caplog
 ):

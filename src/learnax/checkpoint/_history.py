@@ -162,7 +162,7 @@ def _parse(
             if lines_of is not None:
                 lines_of[id(value)] = line + b"\n"
     if len(records) < len(lines):
-        _warn_once(where, f"skipping {len(lines) - len(records)} line(s) that are not records")
+        _warn_once(where, f"{len(lines) - len(records)} line(s) that are not records skipped")
     return records
 
 
@@ -190,7 +190,7 @@ _WARNED: set[str] = set()
 
 def _warn_once(where: str, what: str) -> None:
     (logger.debug if where in _WARNED else logger.warning)(
-        "%s: %s of the metric history", where, what
+        "%s in the metric history: %s", where, what
     )
     _WARNED.add(where)
 
@@ -235,23 +235,33 @@ def read_records(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Every record of every segment in ``directory`` (duplicates included) and the
     segments read (``lines_of``: as for :func:`_parse`). A segment removed while it was
-    listed (a compaction committed meanwhile) makes the listing start again."""
+    listed (a compaction committed meanwhile) makes the listing start again. An entry
+    named like a segment that is no regular file (a directory, a link, a FIFO) is not
+    one learnax wrote: skipped with a warning, and not among the segments read, so that
+    a compaction leaves it where it is instead of failing to remove it every time."""
     for _ in range(5):
-        names = _segments(storage, directory)
         records: list[dict[str, Any]] = []
+        read: list[str] = []
         vanished = False
-        for name in names:
+        for name in _segments(storage, directory):
             path = storage.join(directory, name)
             try:
-                records.extend(_parse(storage.read_bytes(path, _READ_LIMIT), path, lines_of))
+                data = storage.read_bytes(path, _READ_LIMIT)
             except FileNotFoundError:
-                vanished = True
-                break
+                # LocalStorage says so for a directory too: only a missing one vanished.
+                if storage.kind(path) is None:
+                    vanished = True
+                    break
+                _warn_once(path, "skipped: a directory, not a segment")
+                continue
             except UnsafeFileError as e:  # not a segment learnax wrote: never read
-                logger.warning("Skipping %s in the metric history: %s", path, e)
+                _warn_once(path, f"skipped: {e}")
+                continue
+            records.extend(_parse(data, path, lines_of))
+            read.append(name)
         if not vanished:
-            return records, names
-    return records, names
+            return records, read
+    return records, read
 
 
 def timeline(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
