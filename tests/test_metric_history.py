@@ -330,6 +330,24 @@ def test_a_load_after_reports_starts_a_new_timeline_from_the_loaded_step(make_ch
     assert got == [(s, float(s)) for s in range(1, 41)] + [(s, -float(s)) for s in range(41, 46)]
 
 
+def test_a_rollback_takes_a_session_no_other_checkpointer_has_taken(make_checkpointer):
+    train = make_checkpointer(save_every=10, checkpoint_every=None)
+    for step in range(1, 31):
+        train.maybe_save_checkpoints(small_state(), step, {"train/loss": float(step)})
+    evaluation = make_checkpointer()  # session 2, while training holds session 1
+    evaluation.load_checkpoint("latest")
+    for step in (10, 20, 30):
+        evaluation.maybe_save_checkpoints(small_state(), step, {"eval/acc": step / 100})
+    evaluation.close()
+    train.load_latest()  # a rollback: a new session, which must not be 2 again
+    for step in range(31, 41):
+        train.maybe_save_checkpoints(small_state(), step, {"train/loss": float(step)})
+    train.close()
+    history = train.metric_history()
+    assert reports(history, "eval/acc") == [(10, 0.1), (20, 0.2), (30, 0.3)]
+    assert [s for s, _ in reports(history, "train/loss")] == list(range(1, 41))
+
+
 def test_the_timeline_rule():
     def rec(session, n, step, **extra):
         return {"session": session, "n": n, "step": step, "metrics": {}, **extra}

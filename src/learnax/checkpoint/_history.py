@@ -569,8 +569,11 @@ class HistoryWriter:
             self._segments = len(names)
             self._bytes = self._storage.usage(self._dir)[0]
         else:  # a load after this session wrote: a new timeline from the loaded step
-            self._session += 1
+            # Numbered past every session on storage, not just past this one: another
+            # Checkpointer of the run (an evaluation job) may have taken the next.
             self._close_fd()
+            names = _segments(self._storage, self._dir)
+            self._session = 1 + max([self._session, *(int(n[:8]) for n in names)])
         self._restart = False
         self._n = 0
 
