@@ -530,6 +530,26 @@ def test_many_sessions_are_compacted_into_few_segments(make_checkpointer, regist
     assert reports(ckpt.metric_history(), "loss") == [(s, float(s)) for s in range(n)]
 
 
+def test_one_report_larger_than_the_bound_neither_erases_the_others_nor_compacts_each_step(
+    make_checkpointer, small_bound, monkeypatch
+):
+    compactions = []
+    compact = _history.HistoryWriter._compact
+    monkeypatch.setattr(
+        _history.HistoryWriter, "_compact", lambda self: compactions.append(1) or compact(self)
+    )
+    ckpt = make_checkpointer(save_every=None, checkpoint_every=None)
+    ckpt.maybe_save_checkpoints(small_state(), 1, {"config": "x" * 3 * small_bound})
+    for step in range(2, 2002):
+        ckpt.maybe_save_checkpoints(small_state(), step, {"loss": 1.0 / step})
+    ckpt.close()
+    history = ckpt.metric_history()
+    assert len(reports(history, "config")) == 1
+    steps = [s for s, _ in reports(history, "loss")]
+    assert len(steps) > 50 and steps[-10:] == list(range(1992, 2002))
+    assert len(compactions) < 100  # not one a report
+
+
 def test_thin_keeps_saves_and_the_first_record_of_each_session():
     records = [{"session": 1, "n": i, "step": i, "metrics": {"loss": 1.0}} for i in range(100)]
     records[50] = {"session": 1, "n": 50, "step": 50, "saved": "latest"}

@@ -313,13 +313,15 @@ def thin(
     records: list[dict[str, Any]], budget: int, lines_of: dict[int, bytes] | None = None
 ) -> list[dict[str, Any]]:
     """``records`` (a timeline) cut down to at most ``budget`` bytes of lines where it
-    can be. Reports are grouped by kind (the same set of metric names); the group with
-    the most records (and any at least half its size) has its oldest half thinned to
-    every other record, and again until it fits: a metric reported every step gives
-    way before one reported every hundred steps, and recent reports are kept whole.
-    The first record of each session and the last record are kept; records of saves
-    are thinned alike only when reports alone cannot make it fit. ``lines_of`` holds
-    the stored line of a record by its ``id`` where known (else it is encoded)."""
+    can be, not counting the records no thinning drops: the first record of each
+    session, the last record, and the reports of a kind with fewer than three (one
+    huge report must not make every other give way). Reports are grouped by kind (the
+    same set of metric names); the group with the most records (and any at least half
+    its size) has its oldest half thinned to every other record, and again until it
+    fits: a metric reported every step gives way before one reported every hundred
+    steps, and recent reports are kept whole. Records of saves are thinned alike only
+    when reports alone cannot make it fit. ``lines_of`` holds the stored line of a
+    record by its ``id`` where known (else it is encoded)."""
     lines_of = lines_of or {}
     sizes = [len(lines_of.get(id(r)) or _line(r)) for r in records]
     total = sum(sizes)
@@ -341,6 +343,9 @@ def thin(
         else:
             saved[r["saved"]].append(i)
     groups = list(reports.values())
+    # What no thinning drops does not count against the budget.
+    budget += sum(sizes[i] for i in protected)
+    budget += sum(sizes[i] for members in groups if len(members) < 3 for i in members)
     saves_too = False
     while total > budget:
         # The largest group, and those at least half its size (so that many kinds of
@@ -416,6 +421,7 @@ class HistoryWriter:
         self._bytes = 0  # on storage, as far as this writer knows
         self._segments = 0
         self._max_bytes = max_bytes()
+        self._compact_at = self._max_bytes  # see _compact
         self._failed = False  # the last write failed: reports only queue until a commit
         self._logged = False  # a failure was logged (once)
         self._skipped: set[str] = set()
@@ -506,7 +512,7 @@ class HistoryWriter:
         self._drain(True)
         self._add({"step": step, "time": round(time.time(), 3), "saved": name})
         self._sync()
-        if self._bytes > self._max_bytes or self._segments > _MAX_SEGMENTS:
+        if self._bytes > self._compact_at or self._segments > _MAX_SEGMENTS:
             self._compact()
 
     def _close(self) -> None:
@@ -528,7 +534,7 @@ class HistoryWriter:
             )
         if lines:
             self._write(lines)
-            if self._bytes > self._max_bytes or self._segments > _MAX_SEGMENTS:
+            if self._bytes > self._compact_at or self._segments > _MAX_SEGMENTS:
                 self._sync()
                 self._compact()
 
@@ -634,6 +640,10 @@ class HistoryWriter:
             self._storage.remove(self._storage.join(self._dir, old))
         self._storage.fsync_dir(self._dir)
         self._bytes, self._segments = len(data), 1
+        # What thinning cannot drop (a report of a kind too rare to thin, the first
+        # record of many sessions) may leave more than half the bound: the next
+        # compaction then waits for as many new bytes as usual, not for the next report.
+        self._compact_at = max(self._max_bytes, len(data) + self._max_bytes // 2)
         logger.debug(
             "Compacted the metric history in %s: %d records kept of %d",
             self._dir,
