@@ -330,6 +330,24 @@ def test_a_load_after_reports_starts_a_new_timeline_from_the_loaded_step(make_ch
     assert got == [(s, float(s)) for s in range(1, 41)] + [(s, -float(s)) for s in range(41, 46)]
 
 
+def test_a_rollback_takes_a_session_no_other_checkpointer_has_taken(make_checkpointer):
+    train = make_checkpointer(save_every=10, checkpoint_every=None)
+    for step in range(1, 31):
+        train.maybe_save_checkpoints(small_state(), step, {"train/loss": float(step)})
+    evaluation = make_checkpointer()  # session 2, while training holds session 1
+    evaluation.load_checkpoint("latest")
+    for step in (10, 20, 30):
+        evaluation.maybe_save_checkpoints(small_state(), step, {"eval/acc": step / 100})
+    evaluation.close()
+    train.load_latest()  # a rollback: a new session, which must not be 2 again
+    for step in range(31, 41):
+        train.maybe_save_checkpoints(small_state(), step, {"train/loss": float(step)})
+    train.close()
+    history = train.metric_history()
+    assert reports(history, "eval/acc") == [(10, 0.1), (20, 0.2), (30, 0.3)]
+    assert [s for s, _ in reports(history, "train/loss")] == list(range(1, 41))
+
+
 def test_the_timeline_rule():
     def rec(session, n, step, **extra):
         return {"session": session, "n": n, "step": step, "metrics": {}, **extra}
@@ -369,6 +387,101 @@ def test_a_torn_last_line_is_skipped(make_checkpointer, registry):
         (2, 2.0),
         (3, 3.0),
     ]
+
+
+# Lines no learnax writer writes: each is skipped, never a reason to raise.
+NOT_RECORDS = {
+    "two values": b"1,2",
+    "two records": b'{"session":0,"n":0,"step":1,"metrics":{}},{"session":0,"n":1,"step":1,"metrics":{}}',
+    "nested too deep": b"[" * 100_000 + b"]" * 100_000,
+    "metrics not a dict": b'{"session":0,"n":0,"step":1,"time":1,"metrics":5,"saved":"latest"}',
+    "saved not a str": b'{"session":0,"n":0,"step":1,"time":1,"saved":5}',
+    "a list value": b'{"session":0,"n":0,"step":1,"time":1,"metrics":{"loss":[1,2]}}',
+    "an int beyond 64 bits": b'{"session":0,"n":0,"step":1,"metrics":{"loss":1'
+    + b"0" * 400
+    + b"}}",
+    "a bool step": b'{"session":0,"n":0,"step":true,"metrics":{"loss":1}}',
+    "not UTF-8": b"\xff\xfe",
+}
+
+
+def write_crafted_segment(registry, lines) -> None:
+    directory = Path(registry) / "run" / "history"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "00000000-00000000.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
+
+
+def three_reports(make_checkpointer, **kwargs) -> Checkpointer:
+    ckpt = make_checkpointer(save_every=None, checkpoint_every=None, **kwargs)
+    for step in range(1, 4):
+        ckpt.maybe_save_checkpoints(small_state(), step, {"loss": float(step)})
+    ckpt.close()
+    return ckpt
+
+
+@pytest.mark.parametrize("line", NOT_RECORDS.values(), ids=NOT_RECORDS.keys())
+def test_a_line_that_is_not_exactly_one_record_is_skipped(make_checkpointer, registry, line):
+    three_reports(make_checkpointer)
+    write_crafted_segment(registry, [line])
+    history = read_metric_history(os.path.join(registry, "run"))
+    assert reports(history, "loss") == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert metric_history(os.path.join(registry, "run"), "loss").points == {1: 1.0, 2: 2.0, 3: 3.0}
+
+
+def test_a_segment_of_lines_that_are_not_records_never_fails_training(
+    make_checkpointer, registry, small_bound, caplog
+):
+    write_crafted_segment(registry, NOT_RECORDS.values())
+    ckpt = make_checkpointer(save_every=50, checkpoint_every=None)
+    with caplog.at_level(logging.WARNING, logger="learnax"):
+        for step in range(1, 301):  # compacts, reading the crafted segment
+            ckpt.maybe_save_checkpoints(small_state(), step, {"loss": float(step)})
+        ckpt.close()
+    steps = [s for s, _ in reports(ckpt.metric_history(), "loss")]
+    assert steps[0] == 1 and steps[-10:] == list(range(291, 301))
+    assert "00000000-00000000.jsonl" not in history_files(registry)  # compacted away
+    assert not [r for r in caplog.records if "Cannot write" in r.getMessage()]
+
+
+@pytest.mark.parametrize("name", ["00000000-00000000.jsonl", "00000099-00000000.jsonl"])
+def test_a_directory_named_like_a_segment_is_skipped_and_left_alone(
+    make_checkpointer, registry, small_bound, caplog, name
+):
+    three_reports(make_checkpointer)
+    stray = Path(registry) / "run" / "history" / name  # sorted before the segment, or after
+    stray.mkdir()
+    with caplog.at_level(logging.WARNING, logger="learnax"):
+        history = read_metric_history(os.path.join(registry, "run"))
+    assert reports(history, "loss") == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert [r for r in caplog.records if name in r.getMessage()]
+    # A writer compacts around it: it never fails to remove it, nor removes it.
+    caplog.clear()
+    ckpt = make_checkpointer(save_every=50, checkpoint_every=None)
+    with caplog.at_level(logging.WARNING, logger="learnax"):
+        for step in range(4, 301):
+            ckpt.maybe_save_checkpoints(small_state(), step, {"loss": float(step)})
+        ckpt.close()
+    assert not [r for r in caplog.records if "Cannot write" in r.getMessage()]
+    assert stray.is_dir() and len(history_files(registry)) <= 3
+    steps = [s for s, _ in reports(ckpt.metric_history(), "loss")]
+    assert steps[:1] == [1] and steps[-10:] == list(range(291, 301))
+
+
+def test_any_error_of_the_history_is_logged_never_raised(
+    make_checkpointer, small_bound, monkeypatch, caplog
+):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in thinning")
+
+    monkeypatch.setattr(_history, "thin", broken)
+    ckpt = make_checkpointer(save_every=50, checkpoint_every=None)
+    with caplog.at_level(logging.WARNING, logger="learnax"):
+        for step in range(1, 301):
+            ckpt.maybe_save_checkpoints(small_state(), step, {"loss": float(step)})
+        ckpt.close()
+    assert ckpt.load_latest()["step"] == 300
+    errors = [r for r in caplog.records if "metric history" in r.getMessage()]
+    assert len(errors) == 1 and "a bug in thinning" in errors[0].getMessage()
 
 
 # ----------------------------------------------------------------- bounded
@@ -415,6 +528,26 @@ def test_many_sessions_are_compacted_into_few_segments(make_checkpointer, regist
     assert len(history_files(registry)) <= _history._MAX_SEGMENTS + 1
     n = _history._MAX_SEGMENTS + 5
     assert reports(ckpt.metric_history(), "loss") == [(s, float(s)) for s in range(n)]
+
+
+def test_one_report_larger_than_the_bound_neither_erases_the_others_nor_compacts_each_step(
+    make_checkpointer, small_bound, monkeypatch
+):
+    compactions = []
+    compact = _history.HistoryWriter._compact
+    monkeypatch.setattr(
+        _history.HistoryWriter, "_compact", lambda self: compactions.append(1) or compact(self)
+    )
+    ckpt = make_checkpointer(save_every=None, checkpoint_every=None)
+    ckpt.maybe_save_checkpoints(small_state(), 1, {"config": "x" * 3 * small_bound})
+    for step in range(2, 2002):
+        ckpt.maybe_save_checkpoints(small_state(), step, {"loss": 1.0 / step})
+    ckpt.close()
+    history = ckpt.metric_history()
+    assert len(reports(history, "config")) == 1
+    steps = [s for s, _ in reports(history, "loss")]
+    assert len(steps) > 50 and steps[-10:] == list(range(1992, 2002))
+    assert len(compactions) < 100  # not one a report
 
 
 def test_thin_keeps_saves_and_the_first_record_of_each_session():
@@ -661,6 +794,15 @@ def test_ls_of_a_run_sums_up_its_history(run_of_600_steps):
         "last_step": 600,
         "last_metrics": {"step": 600, "metrics": {"val/loss": 1600.0}},
     }
+
+
+def test_ls_and_plot_of_a_run_with_lines_that_are_not_records(make_checkpointer, registry):
+    three_reports(make_checkpointer, max_to_keep=1)
+    write_crafted_segment(registry, NOT_RECORDS.values())
+    run = os.path.join(registry, "run")
+    assert json.loads(run_cli("ls", run, "--json").stdout)["history"]["reports"] == 3
+    series = json.loads(run_cli("plot", run, "--metric", "loss", "--json").stdout)
+    assert series["points"] == [{"step": s, "value": float(s)} for s in (1, 2, 3)]
 
 
 ENDS_WITHOUT_CLOSE = """

@@ -22,8 +22,8 @@ most frequent kind of report thinned to every other record until half the cap is
 segments are removed. Reports that happen to be jax arrays are written once the device
 has computed them, never waited for on the step that reports them.
 
-Reading (:func:`read_history`) merges every segment, skips a torn last line, and makes
-one timeline: a session that resumed (``load_latest``, which a restarted training run
+Reading (:func:`read_history`) merges every segment, skips a torn last line and any
+line that is not exactly one record, and makes one timeline: a session that resumed (``load_latest``, which a restarted training run
 calls) supersedes every record of an earlier session whose step is at or past where
 it took over (the step after the checkpoint it resumed from, or its first record's
 step if smaller): what a crash and a resume from an earlier checkpoint abandoned. Other
@@ -143,39 +143,91 @@ def _parse(
     data: bytes, where: str, lines_of: dict[int, bytes] | None = None
 ) -> list[dict[str, Any]]:
     """The records of one segment; a torn last line (a write in progress or cut by a
-    crash) and lines that are not records are skipped. With ``lines_of``, each
-    record's line is put there under the record's ``id`` (compaction writes it back)."""
+    crash) and lines that are not exactly one record are skipped (with one warning a
+    segment), never raised: a stray or crafted segment must not fail a reader, nor
+    through a compaction the training that writes. With ``lines_of``, each record's
+    line is put there under the record's ``id`` (compaction writes it back)."""
     lines = data.split(b"\n")[:-1]  # the last piece has no newline: torn, or empty
-    try:  # all lines at once: one call of the decoder instead of one a line
-        values = json.loads(b"[" + b",".join(lines) + b"]") if lines else []
-    except ValueError:
-        values = [_loads_or_none(line, where) for line in lines]
+    # All lines at once (one call of the decoder instead of one a line) where no line
+    # must be known to hold its own record: lines that are not JSON on their own can
+    # only be misread as one another's values, never raise. Compaction, which writes
+    # the lines back, decodes each line alone.
+    values = _loads_all(lines) if lines_of is None else None
+    if values is None:
+        values = [_loads_or_none(line) for line in lines]
     records = []
     for value, line in zip(values, lines, strict=True):
         if _is_record(value):
             records.append(value)
             if lines_of is not None:
                 lines_of[id(value)] = line + b"\n"
+    if len(records) < len(lines):
+        _warn_once(where, f"{len(lines) - len(records)} line(s) that are not records skipped")
     return records
 
 
-def _loads_or_none(line: bytes, where: str) -> Any:
+def _loads_all(lines: list[bytes]) -> list[Any] | None:
+    """The values of ``lines`` decoded as one JSON array, or ``None`` when that fails
+    or a line holds no value or several (``1,2``): then each line is decoded alone."""
+    try:
+        values = json.loads(b"[" + b",".join(lines) + b"]") if lines else []
+    except (ValueError, RecursionError):  # RecursionError: a line nested too deep
+        return None
+    return values if len(values) == len(lines) else None
+
+
+def _loads_or_none(line: bytes) -> Any:
     try:
         return json.loads(line)
-    except ValueError:
-        logger.debug("%s: skipping a line that is not JSON", where)
+    except (ValueError, RecursionError):
         return None
 
 
+# Segments already warned about (once a process: a writer compacts, and a reader may
+# read the history at every step).
+_WARNED: set[str] = set()
+
+
+def _warn_once(where: str, what: str) -> None:
+    (logger.debug if where in _WARNED else logger.warning)(
+        "%s in the metric history: %s", where, what
+    )
+    _WARNED.add(where)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_value(value: Any) -> bool:
+    """Whether ``value`` is a metric as :func:`encode_value` writes it: ``None``, a
+    ``bool``, a ``str``, a 64-bit integer or a finite float (what readers such as
+    ``metric_history`` can convert without an error)."""
+    if value is None or isinstance(value, (bool, str)):
+        return True
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**64
+    return isinstance(value, float) and math.isfinite(value)
+
+
 def _is_record(record: Any) -> bool:
+    """Whether ``record`` is a record as the format says, checked field by field: the
+    rest of the history (the timeline, thinning, ``decoded``, the CLI) relies on it."""
     if not isinstance(record, dict):
         return False
-    for key in ("session", "n", "step"):
-        value = record.get(key)
-        if isinstance(value, bool) or not isinstance(value, int):
-            return False
-    metrics = record.get("metrics")
-    return isinstance(metrics, dict) or isinstance(record.get("saved"), str)
+    if not all(_is_int(record.get(key)) for key in ("session", "n", "step")):
+        return False
+    if "resumed" in record and not _is_int(record["resumed"]):
+        return False
+    when = record.get("time", 0.0)
+    if isinstance(when, bool) or not isinstance(when, (int, float)):
+        return False
+    if ("metrics" in record) == ("saved" in record):  # a report or a save, never both
+        return False
+    if "saved" in record:
+        return isinstance(record["saved"], str)
+    metrics = record["metrics"]
+    return isinstance(metrics, dict) and all(_is_value(v) for v in metrics.values())
 
 
 def read_records(
@@ -183,23 +235,33 @@ def read_records(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Every record of every segment in ``directory`` (duplicates included) and the
     segments read (``lines_of``: as for :func:`_parse`). A segment removed while it was
-    listed (a compaction committed meanwhile) makes the listing start again."""
+    listed (a compaction committed meanwhile) makes the listing start again. An entry
+    named like a segment that is no regular file (a directory, a link, a FIFO) is not
+    one learnax wrote: skipped with a warning, and not among the segments read, so that
+    a compaction leaves it where it is instead of failing to remove it every time."""
     for _ in range(5):
-        names = _segments(storage, directory)
         records: list[dict[str, Any]] = []
+        read: list[str] = []
         vanished = False
-        for name in names:
+        for name in _segments(storage, directory):
             path = storage.join(directory, name)
             try:
-                records.extend(_parse(storage.read_bytes(path, _READ_LIMIT), path, lines_of))
+                data = storage.read_bytes(path, _READ_LIMIT)
             except FileNotFoundError:
-                vanished = True
-                break
+                # LocalStorage says so for a directory too: only a missing one vanished.
+                if storage.kind(path) is None:
+                    vanished = True
+                    break
+                _warn_once(path, "skipped: a directory, not a segment")
+                continue
             except UnsafeFileError as e:  # not a segment learnax wrote: never read
-                logger.warning("Skipping %s in the metric history: %s", path, e)
+                _warn_once(path, f"skipped: {e}")
+                continue
+            records.extend(_parse(data, path, lines_of))
+            read.append(name)
         if not vanished:
-            return records, names
-    return records, names
+            return records, read
+    return records, read
 
 
 def timeline(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -251,13 +313,15 @@ def thin(
     records: list[dict[str, Any]], budget: int, lines_of: dict[int, bytes] | None = None
 ) -> list[dict[str, Any]]:
     """``records`` (a timeline) cut down to at most ``budget`` bytes of lines where it
-    can be. Reports are grouped by kind (the same set of metric names); the group with
-    the most records (and any at least half its size) has its oldest half thinned to
-    every other record, and again until it fits: a metric reported every step gives
-    way before one reported every hundred steps, and recent reports are kept whole.
-    The first record of each session and the last record are kept; records of saves
-    are thinned alike only when reports alone cannot make it fit. ``lines_of`` holds
-    the stored line of a record by its ``id`` where known (else it is encoded)."""
+    can be, not counting the records no thinning drops: the first record of each
+    session, the last record, and the reports of a kind with fewer than three (one
+    huge report must not make every other give way). Reports are grouped by kind (the
+    same set of metric names); the group with the most records (and any at least half
+    its size) has its oldest half thinned to every other record, and again until it
+    fits: a metric reported every step gives way before one reported every hundred
+    steps, and recent reports are kept whole. Records of saves are thinned alike only
+    when reports alone cannot make it fit. ``lines_of`` holds the stored line of a
+    record by its ``id`` where known (else it is encoded)."""
     lines_of = lines_of or {}
     sizes = [len(lines_of.get(id(r)) or _line(r)) for r in records]
     total = sum(sizes)
@@ -279,6 +343,9 @@ def thin(
         else:
             saved[r["saved"]].append(i)
     groups = list(reports.values())
+    # What no thinning drops does not count against the budget.
+    budget += sum(sizes[i] for i in protected)
+    budget += sum(sizes[i] for members in groups if len(members) < 3 for i in members)
     saves_too = False
     while total > budget:
         # The largest group, and those at least half its size (so that many kinds of
@@ -354,6 +421,7 @@ class HistoryWriter:
         self._bytes = 0  # on storage, as far as this writer knows
         self._segments = 0
         self._max_bytes = max_bytes()
+        self._compact_at = self._max_bytes  # see _compact
         self._failed = False  # the last write failed: reports only queue until a commit
         self._logged = False  # a failure was logged (once)
         self._skipped: set[str] = set()
@@ -415,17 +483,21 @@ class HistoryWriter:
     # With the lock held.
 
     def _guarded(self, work: Any, *args: Any) -> None:
+        """Run ``work``; whatever it raises is logged, never raised: the history must
+        not fail training nor a save (an ``OSError`` of storage, or anything else: a
+        segment nobody expected, a bug)."""
         try:
             work(*args)
-        except OSError as e:
+        except Exception as e:
             # A lost report is worth a warning, not an error (training goes on); on a
             # read-only registry the saves already said so, as an error.
-            first = logger.info if e.errno in NOT_WRITABLE_ERRNOS else logger.warning
-            (logger.debug if self._logged else first)(
+            unwritable = isinstance(e, OSError) and e.errno in NOT_WRITABLE_ERRNOS
+            (logger.debug if self._logged else logger.info if unwritable else logger.warning)(
                 "Cannot write the metric history in %s: %s. Training and saves go on; "
                 "the history is tried again at the next checkpoint commit.",
                 self._dir,
-                e,
+                e if isinstance(e, OSError) else repr(e),
+                exc_info=not isinstance(e, OSError),  # not storage: where it came from
             )
             self._logged = self._failed = True
             # Object stores: the records kept in memory stay there for the next commit
@@ -440,7 +512,7 @@ class HistoryWriter:
         self._drain(True)
         self._add({"step": step, "time": round(time.time(), 3), "saved": name})
         self._sync()
-        if self._bytes > self._max_bytes or self._segments > _MAX_SEGMENTS:
+        if self._bytes > self._compact_at or self._segments > _MAX_SEGMENTS:
             self._compact()
 
     def _close(self) -> None:
@@ -462,7 +534,7 @@ class HistoryWriter:
             )
         if lines:
             self._write(lines)
-            if self._bytes > self._max_bytes or self._segments > _MAX_SEGMENTS:
+            if self._bytes > self._compact_at or self._segments > _MAX_SEGMENTS:
                 self._sync()
                 self._compact()
 
@@ -503,8 +575,11 @@ class HistoryWriter:
             self._segments = len(names)
             self._bytes = self._storage.usage(self._dir)[0]
         else:  # a load after this session wrote: a new timeline from the loaded step
-            self._session += 1
+            # Numbered past every session on storage, not just past this one: another
+            # Checkpointer of the run (an evaluation job) may have taken the next.
             self._close_fd()
+            names = _segments(self._storage, self._dir)
+            self._session = 1 + max([self._session, *(int(n[:8]) for n in names)])
         self._restart = False
         self._n = 0
 
@@ -565,6 +640,10 @@ class HistoryWriter:
             self._storage.remove(self._storage.join(self._dir, old))
         self._storage.fsync_dir(self._dir)
         self._bytes, self._segments = len(data), 1
+        # What thinning cannot drop (a report of a kind too rare to thin, the first
+        # record of many sessions) may leave more than half the bound: the next
+        # compaction then waits for as many new bytes as usual, not for the next report.
+        self._compact_at = max(self._max_bytes, len(data) + self._max_bytes // 2)
         logger.debug(
             "Compacted the metric history in %s: %d records kept of %d",
             self._dir,
