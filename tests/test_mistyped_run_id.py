@@ -123,3 +123,30 @@ def test_the_warning_can_be_turned_into_an_error(registry_with_alpha):
         warnings.simplefilter("error", RunIdWarning)
         with pytest.raises(RunIdWarning, match="did you mean 'alpha'"):
             ckpt.load_latest()
+
+
+def test_a_close_named_file_in_the_registry_does_not_hide_the_run_meant(registry_with_alpha):
+    import os
+
+    for name in ("alpah.log", "alphaa"):  # a file, and a file where a run dir would be
+        with open(os.path.join(registry_with_alpha, name), "w") as f:
+            f.write("log\n")
+    caught = run_id_warnings(lambda: Checkpointer(registry_with_alpha, "alpah").load_latest())
+    assert len(caught) == 1 and "did you mean 'alpha'?" in str(caught[0].message)
+
+
+def test_a_close_run_that_cannot_be_read_is_skipped_and_the_others_still_offered(
+    registry_with_alpha, monkeypatch
+):
+    Checkpointer(registry_with_alpha, "alphaa").save_checkpoint(small_state(1), step=1)
+    ckpt = Checkpointer(registry_with_alpha, "alpah")
+    real_scan = ckpt._storage.scan
+
+    def scan(path):
+        if "alphaa" in path:
+            raise PermissionError(13, "Permission denied", path)
+        return real_scan(path)
+
+    monkeypatch.setattr(ckpt._storage, "scan", scan)
+    caught = run_id_warnings(lambda: ckpt.load_latest())
+    assert len(caught) == 1 and "did you mean 'alpha'?" in str(caught[0].message)

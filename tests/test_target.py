@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -392,3 +393,93 @@ def test_allow_cast_restores_ints_into_the_narrow_ints_of_ml_dtypes(make_checkpo
     with pytest.raises(ValueError, match=r"Leaf at \['a'\].*do not fit"):
         ckpt = saved_checkpointer(make_checkpointer, {"a": np.array([0, 16], np.int8)})
         ckpt.load_checkpoint(1, target={"a": np.zeros(2, narrow)}, allow_cast=True)
+
+
+# --- a Python scalar saved where the target has a 0-d array (a step counter) -------------
+
+
+@pytest.mark.parametrize("allow_cast", [False, True], ids=["plain", "allow_cast"])
+@pytest.mark.parametrize(
+    "value, dtype",
+    [(300, jnp.int8), (2**40, jnp.int32), (-1, jnp.uint32)],
+    ids=["300-into-int8", "2**40-into-int32", "minus-1-into-uint32"],
+)
+def test_a_python_int_that_does_not_fit_a_0d_int_target_raises_naming_the_leaf(
+    make_checkpointer, value, dtype, allow_cast
+):
+    ckpt = saved_checkpointer(make_checkpointer, {"opt": {"count": value}})
+    target = {"opt": {"count": jax.ShapeDtypeStruct((), dtype)}}
+    with pytest.raises(
+        ValueError, match=rf"Leaf at \['opt'\]\['count'\]: .*{value}.*{np.dtype(dtype)}"
+    ):
+        ckpt.load_checkpoint(1, target=target, allow_cast=allow_cast)
+
+
+def test_a_python_int_that_fits_restores_into_a_0d_int_target_without_allow_cast(
+    make_checkpointer,
+):
+    ckpt = saved_checkpointer(make_checkpointer, {"step": 127, "count": 2**31 - 1, "n": 5})
+    target = {
+        "step": jax.ShapeDtypeStruct((), jnp.int8),
+        "count": jnp.zeros((), jnp.int32),
+        "n": 0,
+    }
+    restored = ckpt.load_checkpoint(1, target=target)["state"]
+    assert restored["step"].dtype == jnp.int8 and int(restored["step"]) == 127
+    assert restored["count"].dtype == jnp.int32 and int(restored["count"]) == 2**31 - 1
+    assert type(restored["n"]) is int and restored["n"] == 5
+
+
+@pytest.mark.parametrize(
+    "value, dtype",
+    [(0.1, np.float32), (2**40, np.float16), (np.float64(1e300), np.float32)],
+    ids=["0.1-into-float32", "2**40-into-float16", "numpy-float64-into-float32"],
+)
+def test_a_python_scalar_a_0d_float_target_cannot_hold_exactly_needs_allow_cast(
+    make_checkpointer, value, dtype
+):
+    ckpt = saved_checkpointer(make_checkpointer, {"x": value})
+    target = {"x": np.zeros((), dtype)}
+    with pytest.raises(ValueError, match=r"Leaf at \['x'\]: .*allow_cast=True"):
+        ckpt.load_checkpoint(1, target=target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # overflow to inf, as astype does
+        restored = ckpt.load_checkpoint(1, target=target, allow_cast=True)["state"]
+        expected = np.asarray(value).astype(dtype)
+    assert restored["x"].dtype == dtype
+    np.testing.assert_array_equal(restored["x"], expected)
+
+
+def test_a_python_scalar_a_0d_float_target_holds_exactly_restores_without_allow_cast(
+    make_checkpointer,
+):
+    ckpt = saved_checkpointer(make_checkpointer, {"a": 300, "b": 0.5, "c": 2**40})
+    target = {
+        "a": np.zeros((), np.float16),
+        "b": jax.ShapeDtypeStruct((), jnp.bfloat16),
+        "c": np.zeros((), np.float32),
+    }
+    restored = ckpt.load_checkpoint(1, target=target)["state"]
+    assert restored["a"] == 300 and restored["a"].dtype == np.float16
+    assert float(restored["b"]) == 0.5 and restored["b"].dtype == jnp.bfloat16
+    assert restored["c"] == 2**40 and restored["c"].dtype == np.float32
+
+
+def test_a_python_bool_never_restores_into_a_0d_number_target(make_checkpointer):
+    ckpt = saved_checkpointer(make_checkpointer, {"done": True})
+    target = {"done": np.zeros((), np.int32)}
+    with pytest.raises(ValueError, match=r"Leaf at \['done'\]: dtype bool .*allow_cast casts"):
+        ckpt.load_checkpoint(1, target=target, allow_cast=True)
+    restored = ckpt.load_checkpoint(1, target={"done": np.zeros((), bool)})["state"]
+    assert restored["done"].dtype == bool and bool(restored["done"])
+
+
+def test_an_optax_count_saved_as_a_python_int_restores_into_its_int32_count(make_checkpointer):
+    tx = optax.adam(1e-2)
+    params = {"w": jnp.ones(3)}
+    saved = {"params": params, "opt_state": tx.init(params), "step": 0}
+    ckpt = saved_checkpointer(make_checkpointer, saved)
+    target = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    restored = ckpt.load_checkpoint(1, target=target)["state"]
+    assert restored["step"].dtype == jnp.int32 and int(restored["step"]) == 0
+    assert restored["opt_state"][0].count.dtype == jnp.int32

@@ -379,18 +379,22 @@ class RunDirectory:
                 for e in self.storage.listdir(registry)
                 if e != run_id and _without_digits(e) != _without_digits(run_id)
             ]
-            close = difflib.get_close_matches(run_id, others, n=10, cutoff=0.6)
-            runs = [
-                r
-                for r in close
-                if _has_checkpoints(
-                    self.storage, checkpoints_dir(self.storage, self.storage.join(registry, r))
-                )
-            ]
         except OSError as e:  # only a hint: never worth failing a load
             logger.debug("Could not look for runs named like %r in %s: %s", run_id, registry, e)
             return []
-        return runs[:3]
+        close = difflib.get_close_matches(run_id, others, n=10, cutoff=0.6)
+        return [r for r in close if self._is_run_with_checkpoints(registry, r)][:3]
+
+    def _is_run_with_checkpoints(self, registry: str, name: str) -> bool:
+        """Whether entry ``name`` of the registry is a run with checkpoints; ``False``
+        for one that cannot be read as a run (a log file beside the runs, an unreadable
+        directory): that candidate is left out of the hint, not the others."""
+        try:
+            directory = checkpoints_dir(self.storage, self.storage.join(registry, name))
+            return _has_checkpoints(self.storage, directory)
+        except OSError as e:
+            logger.debug("Not offering %r as a run named like this one: %s", name, e)
+            return False
 
     def find_step(self, step: int) -> str | None:
         """The path of the committed checkpoint of ``step``: the numbered one, else

@@ -204,17 +204,14 @@ def _host_for(value: Any, like: Any, where: str, allow_cast: bool) -> Any:
 def _checked_array(
     value: Any, shape: tuple[int, ...], dtype: np.dtype, where: str, allow_cast: bool = False
 ) -> np.ndarray:
-    if isinstance(value, (bool, int, float, complex)):
+    if isinstance(value, (bool, int, float, complex)) and not isinstance(value, np.generic):
         # A Python scalar saved where the target now has a 0-d array (a step counter).
-        arr = np.asarray(value)
-        castable = np.can_cast(arr, dtype, casting="same_kind") or (
-            allow_cast and cast_allowed(arr.dtype, dtype)
-        )
-        if shape != () or not castable:
+        # (A NumPy scalar has a dtype of its own: it is checked as an array, below.)
+        if shape != ():
             raise ValueError(
                 f"Leaf at {where}: the checkpoint has {value!r}, the target a {dtype}{list(shape)} array"
             )
-        return arr.astype(dtype)
+        return _python_scalar_as(value, dtype, where, allow_cast)
     if not isinstance(value, (np.ndarray, np.generic)):
         raise ValueError(
             f"Leaf at {where}: the target has an array, the checkpoint has {_describe(value)}"
@@ -227,6 +224,41 @@ def _checked_array(
     if arr.dtype != dtype:
         _check_cast(arr.dtype, dtype, where, allow_cast)
         return _cast(arr, dtype, where)
+    return arr
+
+
+def _python_scalar_as(value: Any, dtype: np.dtype, where: str, allow_cast: bool) -> np.ndarray:
+    """Python scalar ``value`` as a 0-d array of ``dtype``, by the rule for arrays: a
+    Python scalar has no width, so it restores without ``allow_cast`` where ``dtype`` is
+    of its kind (or one :func:`cast_allowed` admits) and holds it exactly; an ``int``
+    that does not fit an integer ``dtype`` raises with or without ``allow_cast``, as an
+    array's does; a ``float`` (or a large ``int``) that ``dtype`` only rounds needs
+    ``allow_cast``; ``bool`` restores into ``bool`` only."""
+    kinds = ((bool, np.bool_), (int, np.int64), (float, np.float64), (complex, np.complex128))
+    source = np.dtype(next(d for t, d in kinds if isinstance(value, t)))
+    if source != dtype and (source == np.bool_ or not cast_allowed(source, dtype)):
+        _check_cast(source, dtype, where, allow_cast)  # raises: never that cast
+    if jax.dtypes.issubdtype(dtype, np.integer) and not isinstance(value, bool):
+        info = ml_dtypes.iinfo(dtype)  # numpy's knows no int4/uint4/int2/uint2
+        if not info.min <= value <= info.max:
+            raise ValueError(
+                f"Leaf at {where}: the value {value} in the checkpoint does not fit the "
+                f"target's {dtype}"
+            )
+        return np.asarray(value, dtype)
+    with np.errstate(over="ignore"):  # too large for the target: inf, as astype gives
+        try:
+            arr = np.asarray(value, dtype)
+        except OverflowError:  # an int beyond any float
+            arr = np.asarray(np.inf if value > 0 else -np.inf, dtype)
+        wide = np.complex128 if jax.dtypes.issubdtype(dtype, np.complexfloating) else np.float64
+        back = arr.astype(wide).item() if dtype != np.bool_ else arr.item()
+    if back != value and not (back != back and value != value):  # NaN stays NaN: exact
+        if not allow_cast:
+            raise ValueError(
+                f"Leaf at {where}: the value {value!r} in the checkpoint is not exact as the "
+                f"target's {dtype} (pass allow_cast=True to cast it)"
+            )
     return arr
 
 
