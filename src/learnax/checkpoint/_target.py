@@ -228,17 +228,21 @@ def _checked_array(
 
 
 def _python_scalar_as(value: Any, dtype: np.dtype, where: str, allow_cast: bool) -> np.ndarray:
-    """Python scalar ``value`` as a 0-d array of ``dtype``, by the rule for arrays: a
-    Python scalar has no width, so it restores without ``allow_cast`` where ``dtype`` is
-    of its kind (or one :func:`cast_allowed` admits) and holds it exactly; an ``int``
-    that does not fit an integer ``dtype`` raises with or without ``allow_cast``, as an
-    array's does; a ``float`` (or a large ``int``) that ``dtype`` only rounds needs
-    ``allow_cast``; ``bool`` restores into ``bool`` only."""
+    """Python scalar ``value`` as a 0-d array of ``dtype``. A Python scalar has no width
+    of its own, and jax gives it the dtype of what it meets (a weak type): so it
+    restores, without ``allow_cast``, into any dtype of a kind that holds it (as before
+    and as ``jnp.asarray(value, dtype)``: a ``bool`` into numbers, an ``int`` into
+    floats, a ``float`` rounded into a narrower float). Never into another number: an
+    ``int`` that does not fit an integer ``dtype`` raises with or without
+    ``allow_cast`` (as an array's does), and a finite value that would become ``inf``
+    needs ``allow_cast``. Other kinds (a ``float`` into an integer, a ``complex`` into
+    a real) follow the table for arrays."""
     kinds = ((bool, np.bool_), (int, np.int64), (float, np.float64), (complex, np.complex128))
     source = np.dtype(next(d for t, d in kinds if isinstance(value, t)))
-    if source != dtype and (source == np.bool_ or not cast_allowed(source, dtype)):
-        _check_cast(source, dtype, where, allow_cast)  # raises: never that cast
-    if jax.dtypes.issubdtype(dtype, np.integer) and not isinstance(value, bool):
+    int_into_int = source == np.int64 and jax.dtypes.issubdtype(dtype, np.integer)
+    if not int_into_int and not np.can_cast(source, dtype, casting="same_kind"):
+        _check_cast(source, dtype, where, allow_cast)  # raises unless allowed
+    if int_into_int:  # signed or not, any width: the value decides
         info = ml_dtypes.iinfo(dtype)  # numpy's knows no int4/uint4/int2/uint2
         if not info.min <= value <= info.max:
             raise ValueError(
@@ -251,14 +255,12 @@ def _python_scalar_as(value: Any, dtype: np.dtype, where: str, allow_cast: bool)
             arr = np.asarray(value, dtype)
         except OverflowError:  # an int beyond any float
             arr = np.asarray(np.inf if value > 0 else -np.inf, dtype)
-        wide = np.complex128 if jax.dtypes.issubdtype(dtype, np.complexfloating) else np.float64
-        back = arr.astype(wide).item() if dtype != np.bool_ else arr.item()
-    if back != value and not (back != back and value != value):  # NaN stays NaN: exact
-        if not allow_cast:
-            raise ValueError(
-                f"Leaf at {where}: the value {value!r} in the checkpoint is not exact as the "
-                f"target's {dtype} (pass allow_cast=True to cast it)"
-            )
+    finite = not isinstance(value, (float, complex)) or np.isfinite(value)
+    if finite and dtype != np.bool_ and not np.all(np.isfinite(arr)) and not allow_cast:
+        raise ValueError(
+            f"Leaf at {where}: the value {value!r} in the checkpoint overflows the "
+            f"target's {dtype} (pass allow_cast=True to cast it to inf)"
+        )
     return arr
 
 
