@@ -520,6 +520,35 @@ def test_the_history_stays_within_its_bound_thinning_the_oldest_reports(
     assert len(history_files(registry)) <= 2
 
 
+def test_compacting_again_and_again_never_erodes_the_oldest_reports(make_checkpointer, monkeypatch):
+    """A long run compacts many times: what is kept of each metric stays spread over the
+    whole run (no stretch of it left empty, no gap over a sixteenth of the run),
+    instead of the oldest part being thinned again at every compaction."""
+    monkeypatch.setenv("LEARNAX_HISTORY_MAX_BYTES", "60000")
+    compactions = []
+    compact = _history.HistoryWriter._compact
+    monkeypatch.setattr(
+        _history.HistoryWriter, "_compact", lambda self: compactions.append(1) or compact(self)
+    )
+    ckpt = make_checkpointer(save_every=None, checkpoint_every=None)
+    last = 20_000
+    for step in range(1, last + 1):
+        metrics = {"loss": 1.0 / step}
+        if step % 50 == 0:
+            metrics["val/loss"] = 2.0 / step
+        ckpt.maybe_save_checkpoints(small_state(), step, metrics)
+    ckpt.close()
+    assert len(compactions) >= 5, "the run must compact again and again"
+    history = ckpt.metric_history()
+    for metric in ("loss", "val/loss"):
+        steps = [s for s, _ in reports(history, metric)]
+        gaps = [b - a for a, b in zip(steps, steps[1:], strict=False)]
+        assert len(steps) >= 20, (metric, len(steps))
+        assert max(gaps) <= last / 16, (metric, max(gaps), len(steps))
+        tenths = {min(9, s * 10 // last) for s in steps}
+        assert tenths == set(range(10)), (metric, sorted(tenths))
+
+
 def test_many_sessions_are_compacted_into_few_segments(make_checkpointer, registry):
     for session in range(_history._MAX_SEGMENTS + 5):
         ckpt = make_checkpointer(save_every=None, checkpoint_every=None)
@@ -557,7 +586,9 @@ def test_thin_keeps_saves_and_the_first_record_of_each_session():
         {"session": 2, "n": i, "step": 100 + i, "metrics": {"loss": 1.0}} for i in range(100)
     ]
     kept = _history.thin(records, budget=3000)
-    assert sum(len(_history._line(r)) for r in kept) <= 3000
+    always = [records[0], records[100], records[-1]]  # not counted against the budget
+    size = sum(len(_history._line(r)) for r in kept)
+    assert size <= 3000 + sum(len(_history._line(r)) for r in always)
     assert records[50] in kept and records[0] in kept and records[100] in kept
     assert kept[-1] == records[-1]
 

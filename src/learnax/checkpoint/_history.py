@@ -17,14 +17,14 @@ history is as durable as the checkpoints. Object stores have no append: a sessio
 its records in memory and writes them as a new segment after each commit, at
 ``close()``, and whenever they pass ``_FLUSH_BYTES``. When the segments grow past
 ``max_bytes`` (``LEARNAX_HISTORY_MAX_BYTES``, 16 MiB) or ``_MAX_SEGMENTS`` in number,
-the writer compacts them into one: the timeline below applied, the oldest half of the
-most frequent kind of report thinned to every other record until half the cap is left, written atomically before the old
-segments are removed. Reports that happen to be jax arrays are written once the device
+the writer compacts them into one: the timeline below applied, thinned (:func:`thin`:
+evenly over the run, the most frequent kind of report first) until half the cap is
+left, written atomically before the old segments are removed. Reports that happen to be jax arrays are written once the device
 has computed them, never waited for on the step that reports them.
 
 Reading (:func:`read_history`) merges every segment, skips a torn last line and any
-line that is not exactly one record, and makes one timeline: a session that resumed (``load_latest``, which a restarted training run
-calls) supersedes every record of an earlier session whose step is at or past where
+line that is not exactly one record, and makes one timeline: a session that resumed
+(``load_latest``, which a restarted training run calls) supersedes every record of an earlier session whose step is at or past where
 it took over (the step after the checkpoint it resumed from, or its first record's
 step if smaller): what a crash and a resume from an earlier checkpoint abandoned. Other
 sessions only add records: loading ``best`` or a numbered checkpoint to evaluate it
@@ -315,17 +315,22 @@ def thin(
     """``records`` (a timeline) cut down to at most ``budget`` bytes of lines where it
     can be, not counting the records no thinning drops: the first record of each
     session, the last record, and the reports of a kind with fewer than three (one
-    huge report must not make every other give way). Reports are grouped by kind (the
-    same set of metric names); the group with the most records (and any at least half
-    its size) has its oldest half thinned to every other record, and again until it
-    fits: a metric reported every step gives way before one reported every hundred
-    steps, and recent reports are kept whole. Records of saves are thinned alike only
-    when reports alone cannot make it fit. ``lines_of`` holds the stored line of a
-    record by its ``id`` where known (else it is encoded)."""
+    huge report must not make every other give way).
+
+    Reports are grouped by kind (the same set of metric names). Thinning keeps, of each
+    kind, the first report in every step bucket ``[m * W, (m + 1) * W)``, with ``W``
+    the smallest power of two that fits; the newest quarter of each kind is kept whole (unless nothing else fits).
+    So a metric reported every step gives way long before one reported every hundred
+    steps (its buckets hold one report until ``W`` passes a hundred), the spacing of
+    what is kept is even over the whole run (never more than ``2 * W`` between two
+    reports of a kind), and thinning again only makes ``W`` larger: a report kept at
+    ``2 * W`` was kept at ``W``, so repeated compactions never erode the oldest part
+    to nothing. Records of saves are thinned alike only when reports alone cannot make
+    it fit. ``lines_of`` holds the stored line of a record by its ``id`` where known
+    (else it is encoded)."""
     lines_of = lines_of or {}
     sizes = [len(lines_of.get(id(r)) or _line(r)) for r in records]
     total = sum(sizes)
-    keep = [True] * len(records)
     protected = {len(records) - 1} if records else set()
     first: dict[int, int] = {}  # session -> index of its first record
     for i, r in enumerate(records):
@@ -342,29 +347,51 @@ def thin(
             reports[tuple(sorted(r["metrics"]))].append(i)
         else:
             saved[r["saved"]].append(i)
-    groups = list(reports.values())
     # What no thinning drops does not count against the budget.
     budget += sum(sizes[i] for i in protected)
-    budget += sum(sizes[i] for members in groups if len(members) < 3 for i in members)
-    saves_too = False
-    while total > budget:
-        # The largest group, and those at least half its size (so that many kinds of
-        # the same frequency shrink together, in few passes).
-        largest = max(map(len, groups), default=0)
-        for g, members in enumerate(groups):
-            if 2 * len(members) < largest:
-                continue
-            half = (len(members) + 1) // 2
-            for i in members[1:half:2]:
-                keep[i] = False
-                total -= sizes[i]
-            groups[g] = members[:half:2] + members[half:]
-        if largest < 3:  # nothing left to thin among these
-            if saves_too:
-                break
-            saves_too = True
-            groups += list(saved.values())
-    return [r for r, k in zip(records, keep, strict=True) if k]
+    budget += sum(sizes[i] for members in reports.values() if len(members) < 3 for i in members)
+    if total <= budget:
+        return records
+    drop: set[int] = set()
+    everything = [*reports.values(), *saved.values()]
+    for groups, newest_whole in ((list(reports.values()), True), (everything, True)):
+        drop = _bucket_drops(records, sizes, groups, total - budget, newest_whole)
+        if sum(sizes[i] for i in drop) >= total - budget:
+            return [r for i, r in enumerate(records) if i not in drop]
+    drop = _bucket_drops(records, sizes, everything, total - budget, newest_whole=False)
+    return [r for i, r in enumerate(records) if i not in drop]
+
+
+def _bucket_drops(
+    records: list[dict[str, Any]],
+    sizes: list[int],
+    groups: list[list[int]],
+    excess: int,
+    newest_whole: bool,
+) -> set[int]:
+    """The records to drop so that at least ``excess`` bytes go (all it can when it
+    cannot): in each group of at least three (indices in step order; the newest
+    quarter left out where ``newest_whole``), those with an earlier member in their step bucket of width
+    ``W = 2 ** k``, for the smallest ``k`` that frees enough. A member shares its
+    bucket with an earlier one exactly when it shares it with the one just before
+    it (steps are in order): when the two steps agree above bit ``k``, i.e. from
+    ``k = (a ^ b).bit_length()`` on."""
+    levels: list[tuple[int, int]] = []  # (the k from which it is dropped, index)
+    for members in groups:
+        if len(members) < 3:
+            continue
+        older = members[: len(members) - len(members) // 4] if newest_whole else members
+        for before, i in zip(older, older[1:], strict=False):
+            a, b = records[before]["step"], records[i]["step"]
+            levels.append(((a ^ b).bit_length() if a >= 0 and b >= 0 else 64, i))
+    levels.sort()
+    freed = 0
+    for n, (level, i) in enumerate(levels):
+        freed += sizes[i]
+        last_of_level = n + 1 == len(levels) or levels[n + 1][0] != level
+        if freed >= excess and last_of_level:
+            return {j for _, j in levels[: n + 1]}
+    return {j for _, j in levels}
 
 
 # --------------------------------------------------------------------------- writing
