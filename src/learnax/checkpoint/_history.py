@@ -325,8 +325,9 @@ def thin(
     what is kept is even over the whole run (never more than ``2 * W`` between two
     reports of a kind), and thinning again only makes ``W`` larger: a report kept at
     ``2 * W`` was kept at ``W``, so repeated compactions never erode the oldest part
-    to nothing. Records of saves are thinned alike only when reports alone cannot make
-    it fit. ``lines_of`` holds the stored line of a record by its ``id`` where known
+    to nothing. The records of saves are thinned alike, each kind (``latest``,
+    ``numbered``, ``best``) as one more kind of report: saved every hundred steps, they
+    give way after a metric reported every step. ``lines_of`` holds the stored line of a record by its ``id`` where known
     (else it is encoded)."""
     lines_of = lines_of or {}
     sizes = [len(lines_of.get(id(r)) or _line(r)) for r in records]
@@ -352,13 +353,12 @@ def thin(
     budget += sum(sizes[i] for members in reports.values() if len(members) < 3 for i in members)
     if total <= budget:
         return records
-    drop: set[int] = set()
+    # Saves are thinned alike, as one more kind: left for last, the saves of a long
+    # run would fill the bound and leave the reports nothing but their newest quarter.
     everything = [*reports.values(), *saved.values()]
-    for groups, newest_whole in ((list(reports.values()), True), (everything, True)):
-        drop = _bucket_drops(records, sizes, groups, total - budget, newest_whole)
-        if sum(sizes[i] for i in drop) >= total - budget:
-            return [r for i, r in enumerate(records) if i not in drop]
-    drop = _bucket_drops(records, sizes, everything, total - budget, newest_whole=False)
+    drop = _bucket_drops(records, sizes, everything, total - budget, newest_whole=True)
+    if sum(sizes[i] for i in drop) < total - budget:
+        drop = _bucket_drops(records, sizes, everything, total - budget, newest_whole=False)
     return [r for i, r in enumerate(records) if i not in drop]
 
 

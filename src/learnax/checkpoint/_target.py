@@ -259,7 +259,7 @@ def _python_scalar_as(value: Any, dtype: np.dtype, where: str, allow_cast: bool)
     if finite and dtype != np.bool_ and not np.all(np.isfinite(arr)) and not allow_cast:
         raise ValueError(
             f"Leaf at {where}: the value {value!r} in the checkpoint overflows the "
-            f"target's {dtype} (pass allow_cast=True to cast it to inf)"
+            f"target's {dtype} (pass allow_cast=True to cast it: inf, or NaN in a type without inf)"
         )
     return arr
 
