@@ -256,6 +256,32 @@ def test_a_checkpointer_without_save_on_preemption_leaves_the_handler_alone(
     assert signal.getsignal(signal.SIGTERM) is program_handler
 
 
+@pytest.mark.parametrize(
+    "failing",
+    [
+        pytest.param({"keep_top_k": 2, "metric_name": None}, id="keep_top_k without a metric"),
+        pytest.param({"registry_is_a_file": True}, id="a registry under a regular file"),
+    ],
+)
+def test_a_constructor_that_raises_leaves_the_programs_handler_in_place(
+    registry, program_handler, failing
+):
+    """The Checkpointer never came to be, so nobody can close it: nothing may be left
+    watching SIGTERM (a SIGTERM would set a flag no loop reads and the job lives on)."""
+    failing = dict(failing)
+    if failing.pop("registry_is_a_file", False):
+        os.makedirs(registry, exist_ok=True)
+        blocker = os.path.join(registry, "a-file")
+        with open(blocker, "w") as f:
+            f.write("not a directory")
+        registry = os.path.join(blocker, "runs")
+    with pytest.raises((ValueError, TypeError, OSError)):
+        Checkpointer(registry, "run", save_on_preemption=True, **failing)
+    assert signal.getsignal(signal.SIGTERM) is program_handler
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert program_handler.calls == [signal.SIGTERM]
+
+
 # With the default handler before it, a SIGTERM sets the flag and the process lives on
 # until the loop has saved (the point of save_on_preemption); once the last Checkpointer
 # is closed, SIGTERM kills the process again. In a child process, as it may die.

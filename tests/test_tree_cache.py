@@ -30,7 +30,7 @@ LEAVES = st.one_of(
     st.integers(0, 2).map(lambda i: jax.random.key(i)),
     st.integers(0, 2),
     st.booleans(),
-    st.sampled_from([0.5, float("nan"), "a", "b", None]),
+    st.sampled_from([0.5, 0.0, -0.0, 0j, complex(0.0, -0.0), float("nan"), "a", "b", None]),
 )
 
 
@@ -38,7 +38,9 @@ def trees(leaves=LEAVES):
     return st.recursive(
         leaves,
         lambda children: st.one_of(
-            st.dictionaries(st.sampled_from(["w", "b", "k", 0, 1]), children, max_size=3),
+            st.dictionaries(
+                st.sampled_from(["w", "b", "k", 0, 1, True, 1.0]), children, max_size=3
+            ),
             st.lists(children, max_size=3),
             st.tuples(children, children),
             st.builds(Pair, children, children),
@@ -49,7 +51,8 @@ def trees(leaves=LEAVES):
 
 def signature(encoded):
     node, leaves = encoded
-    return node, [(leaf.name, tuple(leaf.keypath), leaf.kind, leaf.impl) for leaf in leaves]
+    # repr, not ==: the node must keep -0.0 apart from 0.0 and True apart from 1.
+    return repr(node), [(leaf.name, tuple(leaf.keypath), leaf.kind, leaf.impl) for leaf in leaves]
 
 
 def assert_same_encoding(cached, fresh) -> None:
@@ -117,3 +120,57 @@ def test_an_optax_state_saved_twice_through_the_cache_loads_as_saved(make_checkp
         np.testing.assert_array_equal(
             jax.random.key_data(loaded["key"]), jax.random.key_data(state["key"])
         )
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [(0.0, -0.0), (-0.0, 0.0), (0j, complex(0.0, -0.0)), (complex(-0.0, 1.0), 1j)],
+    ids=["0.0 then -0.0", "-0.0 then 0.0", "0j then -0j", "-0+1j then 1j"],
+)
+def test_a_python_number_changing_only_its_sign_of_zero_is_saved_as_it_is_now(
+    make_checkpointer, before, after
+):
+    """``-0.0 == 0.0`` in Python; the checkpoint still stores the sign it was given."""
+    ckpt = make_checkpointer(save_every=1, checkpoint_every=None)
+    assert ckpt.save_latest({"w": jnp.ones(2), "scale": before}, step=1) is not None
+    assert ckpt.save_latest({"w": jnp.ones(2), "scale": after}, step=2) is not None
+    loaded = ckpt.load_checkpoint("latest")["state"]["scale"]
+    assert type(loaded) is type(after)
+    assert repr(loaded) == repr(after)
+
+
+@pytest.mark.parametrize(("first", "second"), [(1, True), (True, 1)], ids=["1, True", "True, 1"])
+def test_a_dict_key_of_another_type_but_an_equal_value_is_saved_as_it_is_now(
+    make_checkpointer, first, second
+):
+    """jax's treedef takes ``1`` and ``True`` for one key; a checkpoint does not."""
+    ckpt = make_checkpointer(save_every=1, checkpoint_every=None)
+    assert ckpt.save_latest({first: jnp.ones(2)}, step=1) is not None
+    assert ckpt.save_latest({second: jnp.full(2, 2.0)}, step=2) is not None
+    loaded = ckpt.load_checkpoint("latest")["state"]
+    assert [type(k) for k in loaded] == [type(second)]
+    np.testing.assert_array_equal(loaded[second], [2.0, 2.0])
+
+
+def test_a_float_key_after_an_equal_int_key_is_refused_as_in_a_first_save(make_checkpointer):
+    ckpt = make_checkpointer(save_every=1, checkpoint_every=None)
+    assert ckpt.save_latest({1: jnp.ones(2)}, step=1) is not None
+    with pytest.raises(TypeError, match="Dict key 1.0 of type float"):
+        ckpt.save_latest({1.0: jnp.ones(2)}, step=2)
+    assert ckpt.load_checkpoint("latest")["step"] == 1
+
+
+def test_a_static_field_holding_an_array_does_not_fail_the_next_save(make_checkpointer):
+    """A flax struct field marked ``pytree_node=False`` holding a NumPy array: jax raises
+    when two such treedefs are compared, so the cache must fall back, not fail."""
+    from flax import struct
+
+    @struct.dataclass
+    class Model:
+        w: jax.Array
+        table: np.ndarray = struct.field(pytree_node=False)
+
+    cache = TreeCache()
+    for step in range(3):
+        state = Model(jnp.full(2, float(step)), np.arange(3))
+        assert_same_encoding(cache.encode(state), encode_tree(state))

@@ -171,7 +171,7 @@ class Checkpointer:
         self.keep_period = _policy.check_interval(keep_period, "keep_period")
         self.save_on_preemption = bool(save_on_preemption)
         self.reached_preemption = False
-        self._preemption = PreemptionWatch() if self.save_on_preemption else None
+        self._preemption: PreemptionWatch | None = None  # watching starts last, below
         self._background = BackgroundSaves()
         self._tree_cache = TreeCache()
         self._closed = False
@@ -206,6 +206,9 @@ class Checkpointer:
         # Nothing is cleaned up here: a Checkpointer may be an evaluation job's reader
         # while training saves. The writer removes leftovers after its first commit.
         self._best.restore()
+        # Last, so that a constructor that raises never leaves SIGTERM caught for good.
+        if self.save_on_preemption:
+            self._preemption = PreemptionWatch()
 
     # The best-by-metric settings and value live in the tracker; these read and set them.
     keep_best = property(

@@ -36,15 +36,8 @@ class TreeCache:
     def encode(self, state: Any) -> tuple[Node, list[ArrayLeaf]]:
         """``_tree.encode_tree(state)``, reusing the last structure where it is equal."""
         if self._treedef is not None:  # (jax flattens only what encoded well before)
-            try:
-                flat, treedef = jtu.tree_flatten(state)
-            except Exception:  # what jax cannot flatten (dict keys it cannot sort)
-                flat, treedef = None, None
-            if (
-                flat is not None
-                and treedef == self._treedef
-                and _dict_orders(state) == self._orders
-            ):
+            flat = self._same_structure(state)
+            if flat is not None:
                 leaves = self._refill(flat)
                 if leaves is not None:
                     return self._node, leaves
@@ -52,11 +45,22 @@ class TreeCache:
         self._remember(state, node, leaves)
         return node, leaves
 
+    def _same_structure(self, state: Any) -> list[Any] | None:
+        """jax's flat leaves of ``state`` if its structure is the kept one, else ``None``."""
+        try:
+            flat, treedef = jtu.tree_flatten(state)
+            # A treedef's equality compares static fields, which raises for an array
+            # kept in one; then the full encoding decides what the state is.
+            if treedef == self._treedef and _dict_orders(state) == self._orders:
+                return flat
+        except Exception:  # what jax cannot flatten (dict keys it cannot sort)
+            pass
+        return None
+
     def _refill(self, flat: list[Any]) -> list[ArrayLeaf] | None:
         """The leaves of ``flat`` under the kept names, or ``None`` if anything differs."""
         for position, value in self._constants:
-            now = flat[position]
-            if now is not value and (type(now) is not type(value) or now != value):
+            if not _same_constant(flat[position], value):
                 return None
         leaves = []
         for position, kept, kind, dtype in self._arrays:
@@ -95,13 +99,30 @@ class TreeCache:
         self._orders = _dict_orders(state)
 
 
+def _same_constant(now: Any, kept: Any) -> bool:
+    """Whether a non-array leaf encodes as the kept one: of the same type and equal,
+    where floats (and complex parts) also keep their sign (``-0.0 == 0.0`` in Python,
+    but the checkpoint stores the sign) and a NaN is the same NaN."""
+    if now is kept:
+        return True
+    if type(now) is not type(kept):
+        return False
+    if isinstance(now, (float, complex, np.inexact)):
+        return repr(now) == repr(kept)
+    try:
+        return bool(now == kept)
+    except Exception:  # an equality that is not a truth value
+        return False
+
+
 _ATOMS = (np.ndarray, np.generic, jax.Array, str, bytes, int, float, complex)
 
 
 def _dict_orders(state: Any) -> list[tuple[Any, ...]]:
-    """The keys of every dict in ``state``, in order: jax's treedef sorts them, but a
-    checkpoint keeps a dict's own order, so two states of one treedef may still
-    encode differently. A walk of the containers only, about 0.5 us a leaf."""
+    """The keys of every dict in ``state``, in order and with their types: jax's treedef
+    sorts them and takes ``1``, ``1.0`` and ``True`` for one key, but a checkpoint
+    keeps a dict's own order and each key's type, so two states of one treedef may
+    still encode differently. A walk of the containers only, about 0.5 us a leaf."""
     orders: list[tuple[Any, ...]] = []
     stack = [state]
     while stack:
@@ -109,7 +130,7 @@ def _dict_orders(state: Any) -> list[tuple[Any, ...]]:
         if x is None or isinstance(x, _ATOMS):
             continue
         if isinstance(x, dict):
-            orders.append(tuple(x))
+            orders.append(tuple((type(k), k) for k in x))
             stack.extend(x.values())
         elif isinstance(x, (list, tuple)):
             stack.extend(x)
