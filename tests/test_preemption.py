@@ -129,14 +129,20 @@ def test_preemption_save_is_committed_before_maybe_save_checkpoints_returns(
     assert ckpt.maybe_save_checkpoints({"w": np.ones(3)}, 18) == {}
 
 
-def test_a_failed_preemption_save_is_retried_at_the_next_step(registry, sigterm_watch, monkeypatch):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_failed_preemption_save_is_retried_at_the_next_step(
+    registry, sigterm_watch, monkeypatch, async_save
+):
     """If the save after SIGTERM fails (disk full), reached_preemption stays false and the
-    next call tries again: the loop only stops once latest is committed."""
+    next call tries again: the loop only stops once latest is committed. A background
+    save's failure is not raised from the call either (the loop would die unsaved)."""
     import errno
 
     from learnax.checkpoint import _write
 
-    ckpt = Checkpointer(registry, "run", save_every=1000, save_on_preemption=True)
+    ckpt = Checkpointer(
+        registry, "run", save_every=1000, save_on_preemption=True, async_save=async_save
+    )
     os.kill(os.getpid(), signal.SIGTERM)
     real = _write.write_checkpoint
 

@@ -19,7 +19,7 @@ import jax
 from . import _legacy, _policy
 from ._background import BackgroundSaves, snapshot
 from ._best import BestTracker
-from ._errors import CheckpointCorruptedError, RunIdWarning
+from ._errors import CheckpointCorruptedError, CheckpointSaveError, RunIdWarning
 from ._history import HistoryWriter, read_history
 from ._metrics import encode_metrics
 from ._multihost import Coordinator, is_multihost
@@ -306,7 +306,7 @@ class Checkpointer:
         self._finish_in_flight()
         saved = self._save_all(train_state, step, writes)
         if preempted:
-            self._after_preemption_save(step, saved.get("latest"))
+            saved = self._after_preemption_save(step, saved)
         return {key: path for key, path in saved.items() if path is not None}
 
     def _due_writes(
@@ -354,13 +354,24 @@ class Checkpointer:
         assert self._preemption is not None
         return not self.reached_preemption and self._preemption.due(step)
 
-    def _after_preemption_save(self, step: int, latest: str | None) -> None:
-        self._finish_in_flight()  # the process is about to end: commit it now
-        if latest is None:
+    def _after_preemption_save(
+        self, step: int, saved: dict[str, str | None]
+    ) -> dict[str, str | None]:
+        """Commit the preemption save now (the process is about to end) and set
+        ``reached_preemption`` once latest is committed. A failed save, also one made in
+        the background, is logged and tried again at the next step, never raised: the
+        loop goes on until latest is saved. Returns what was saved."""
+        try:
+            self._finish_in_flight()
+        except CheckpointSaveError as e:
+            saved = {}
+            logger.error("Preemption: %s", e)
+        if saved.get("latest") is None:
             logger.error("Preemption: saving latest at step %d failed; retrying next step.", step)
         else:
             logger.warning("Preemption: saved latest at step %d; stop the training loop.", step)
             self.reached_preemption = True
+        return saved
 
     # ----------------------------------------------------------------- saving
 
