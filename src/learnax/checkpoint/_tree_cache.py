@@ -31,7 +31,7 @@ class TreeCache:
         self._arrays: list[tuple[int, ArrayLeaf, type, np.dtype]] = []
         # Positions of the other flat leaves (scalars, strings, functions) and values.
         self._constants: list[tuple[int, Any]] = []
-        self._orders: list[tuple[Any, ...]] = []  # every dict's keys, in their order
+        self._orders: list[tuple[Any, ...]] = []  # every dict's keys and their types
 
     def encode(self, state: Any) -> tuple[Node, list[ArrayLeaf]]:
         """``_tree.encode_tree(state)``, reusing the last structure where it is equal."""
@@ -130,7 +130,9 @@ def _dict_orders(state: Any) -> list[tuple[Any, ...]]:
         if x is None or isinstance(x, _ATOMS):
             continue
         if isinstance(x, dict):
-            orders.append(tuple((type(k), k) for k in x))
+            keys = tuple(x)
+            orders.append(keys)
+            orders.append(tuple(map(type, keys)))  # (1,) == (True,): the types apart
             stack.extend(x.values())
         elif isinstance(x, (list, tuple)):
             stack.extend(x)
