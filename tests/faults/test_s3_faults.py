@@ -287,7 +287,8 @@ def test_failed_save_after_a_stale_listing_keeps_the_previous_latest(faulty_s3, 
     """The listing of state_latest/ lags behind (shows none of the committed
     latest's objects) and the new data upload fails (a single PUT, or the first part
     of a multipart upload of a data file over 32 MiB): the cleanup of the failed save
-    removes only what it wrote, so the previous latest still loads."""
+    removes only what it wrote, so the previous latest still loads, and aborts the
+    multipart upload."""
     ckpt = faulty_s3.checkpointer()
     assert ckpt.save_latest(state(1), step=1) is not None
     before = faulty_s3.keys(faulty_s3.checkpoint_dir())
@@ -303,6 +304,11 @@ def test_failed_save_after_a_stale_listing_keeps_the_previous_latest(faulty_s3, 
     assert faulty_s3.proxy.faults("put") or faulty_s3.proxy.faults("upload_part")
     faulty_s3.proxy.clear()
     assert_nothing_deleted(faulty_s3, before)
+    # A failed multipart upload is aborted: none is left for the bucket to keep (and
+    # bill) until a lifecycle rule reclaims it.
+    prefix = faulty_s3.key(faulty_s3.checkpoint_dir()) + "/"
+    uploads = faulty_s3.client.list_multipart_uploads(Bucket=faulty_s3.bucket, Prefix=prefix)
+    assert [u["Key"] for u in uploads.get("Uploads", [])] == []
     latest = ckpt.load_latest()
     assert latest["step"] == 1
     assert_tree_equal(state(1), latest["state"])
