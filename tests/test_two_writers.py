@@ -93,3 +93,50 @@ def test_a_lock_left_by_a_killed_process_does_not_block_the_next_save(registry):
         holder.wait()
     assert result["path"] is not None
     assert_tree_equal(state_of(1), ckpt.load_checkpoint(1)["state"])
+
+
+def test_a_second_writer_waits_while_the_first_is_between_its_data_files_and_commit(
+    registry, monkeypatch
+):
+    """Deterministic: writer B has written its data files and is about to commit when
+    writer A saves the same checkpoint. A must wait for the run's lock: were it to go
+    ahead, its cleanup would remove B's uncommitted files as superseded, and B's commit
+    would then name files that are gone."""
+    from learnax.checkpoint import _write
+
+    first = Checkpointer(registry, "run", save_every=None, checkpoint_every=None)
+    second = Checkpointer(registry, "run", save_every=None, checkpoint_every=None)
+    real_commit = _write.commit
+    ready, go = threading.Event(), threading.Event()
+
+    def commit_when_told(*args, **kwargs):
+        if threading.current_thread().name == "writer-b":
+            ready.set()
+            assert go.wait(60), "the test never let writer B commit"
+        return real_commit(*args, **kwargs)
+
+    monkeypatch.setattr(_write, "commit", commit_when_told)
+    result = {}
+    b = threading.Thread(
+        target=lambda: result.setdefault("b", second.save_latest(state_of(2), step=2)),
+        name="writer-b",
+    )
+    a = threading.Thread(
+        target=lambda: result.setdefault("a", first.save_latest(state_of(3), step=3))
+    )
+    b.start()
+    try:
+        assert ready.wait(60), "writer B never reached its commit"
+        a.start()
+        a.join(timeout=2.0)  # with the lock it is still waiting; without, it is done
+        a_waited = a.is_alive()
+    finally:
+        go.set()
+        b.join(timeout=60)
+        if a.ident is not None:
+            a.join(timeout=60)
+    assert result.get("a") is not None and result.get("b") is not None, result
+    assert a_waited, "writer A saved while writer B was between its data files and commit"
+    loaded = Checkpointer(registry, "run").load_checkpoint("latest")
+    assert loaded["step"] == 3  # A committed after B
+    assert_tree_equal(state_of(3), loaded["state"])
