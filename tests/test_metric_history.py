@@ -597,6 +597,36 @@ def test_thin_keeps_saves_and_the_first_record_of_each_session():
     assert kept[-1] == records[-1]
 
 
+def test_thin_keeps_the_newest_record_when_nothing_else_fits():
+    """The newest record says where the run is: no budget drops it (nor a session's
+    first, which says where the session began)."""
+    records = [{"session": 1, "n": i, "step": i, "metrics": {"loss": 1.0}} for i in range(100)]
+    kept = _history.thin(records, budget=0)
+    assert records[-1] in kept and records[0] in kept
+    assert len(kept) < 10  # everything else that could go went
+
+
+def test_one_huge_report_does_not_make_every_other_report_give_way():
+    """A kind of report with fewer than three (one huge metrics dict) is not counted
+    against the budget: the other reports are thinned for their own bytes only."""
+    small = [{"session": 1, "n": i, "step": i, "metrics": {"loss": 1.0}} for i in range(100)]
+    huge = {
+        "session": 1,
+        "n": 100,
+        "step": 100,
+        "metrics": {f"layer{j}/norm": 1.0 for j in range(500)},
+    }
+    records = [*small, huge, {"session": 1, "n": 101, "step": 101, "metrics": {"loss": 1.0}}]
+    small_bytes = sum(len(_history._line(r)) for r in small)
+    assert len(_history._line(huge)) > small_bytes  # bigger than all the others together
+    kept = _history.thin(records, budget=small_bytes // 2)
+    assert huge in kept
+    kept_small = [r for r in kept if r in small]
+    # Half the budget of the small ones: about half of them stay (a power-of-two
+    # spacing, the newest quarter whole), not just the protected first and last.
+    assert len(kept_small) >= 40, len(kept_small)
+
+
 # ----------------------------------------------------------------- failures, processes
 
 
