@@ -9,11 +9,14 @@ checks the order a power cut needs:
   manifest that names it is renamed into place;
 - the checkpoint directory is fsynced after its data files (their directory entries,
   links included) and before that rename, and again after it (the commit itself);
-- a new checkpoint directory is fsynced in its parent before the rename.
+- a new checkpoint directory is fsynced in its parent before the rename;
+- a data file copied in (a take without hard links) counts as fsynced when it was,
+  under its temporary name, before that name was renamed to its own.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from pathlib import Path
@@ -30,10 +33,12 @@ pytestmark = pytest.mark.skipif(
 
 
 class SyscallTrace:
-    """``(call, path)`` of each traced call, in the order they happened, any thread."""
+    """``(call, path)`` of each traced call, in the order they happened, any thread;
+    for a rename, the path it moved is in ``sources`` under the event's index."""
 
     def __init__(self, monkeypatch) -> None:
         self.events: list[tuple[str, str]] = []
+        self.sources: dict[int, str] = {}
         self._lock = threading.Lock()
         for name in ("fsync", "fdatasync"):
             self._trace_fd(monkeypatch, name)
@@ -41,8 +46,10 @@ class SyscallTrace:
             self._trace_paths(monkeypatch, name, target=1)
         self._trace_paths(monkeypatch, "mkdir", target=0)
 
-    def _add(self, call: str, path: str) -> None:
+    def _add(self, call: str, path: str, source: str | None = None) -> None:
         with self._lock:
+            if source is not None:
+                self.sources[len(self.events)] = os.path.realpath(source)
             self.events.append((call, os.path.realpath(path)))
 
     def _trace_fd(self, monkeypatch, name: str) -> None:
@@ -59,7 +66,8 @@ class SyscallTrace:
 
         def traced(*args, **kwargs):
             result = real(*args, **kwargs)  # recorded once done: it happened
-            self._add(name, os.fspath(args[target]))
+            source = os.fspath(args[0]) if target == 1 else None
+            self._add(name, os.fspath(args[target]), source)
             return result
 
         monkeypatch.setattr(os, name, traced)
@@ -94,8 +102,11 @@ def assert_committed_in_order(trace: SyscallTrace, checkpoint: Path, new_dir: bo
             last_entry = max(last_entry, *linked[name])
             continue
         written = [i for i in synced.get(name, []) if i < rename]
+        # A copy is fsynced under its temporary name, then renamed to its own.
+        for moved in renamed.get(name, []):
+            written += [i for i in trace.where("fsync", trace.sources[moved]) if i < moved]
         assert written, f"{name} was not fsynced before the commit: {trace.events}"
-        last_entry = max(last_entry, written[0], *renamed.get(name, [0]))
+        last_entry = max(last_entry, min(written), *renamed.get(name, [0]))
     directory_syncs = trace.where("fsync", checkpoint)
     assert any(last_entry < i < rename for i in directory_syncs), (
         "the checkpoint directory was not fsynced between its data files and the "
@@ -142,5 +153,33 @@ def test_checkpoints_that_link_the_data_of_one_write_are_made_durable_in_order(
     saved = ckpt.maybe_save_checkpoints(state, 1, {"loss": 0.5})
     assert set(saved) == {"latest", "numbered", "best"}
     assert any(c == "link" for c, _ in trace.events), "nothing linked: no take is covered"
+    for path in saved.values():
+        assert_committed_in_order(trace, Path(path), new_dir=True)
+
+
+def test_checkpoints_that_copy_the_data_of_one_write_are_made_durable_in_order(
+    registry, monkeypatch
+):
+    """As above on a filesystem without hard links: the data files are copied, each
+    under a temporary name, fsynced there and renamed to its own; the directory fsync
+    before the manifest rename must come after those renames."""
+
+    def no_hard_links(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    ckpt = Checkpointer(
+        registry, "run", save_every=1, checkpoint_every=1, keep_best=True, metric_name="loss"
+    )
+    trace = SyscallTrace(monkeypatch)
+    state = {"w": jnp.arange(1024.0), "b": jnp.ones(3)}
+    saved = ckpt.maybe_save_checkpoints(state, 1, {"loss": 0.5})
+    assert set(saved) == {"latest", "numbered", "best"}
+    copied = [
+        path
+        for path in saved.values()
+        if any(name.startswith("data-") for name in trace.under("rename", path))
+    ]
+    assert len(copied) == 2, f"not two checkpoints holding copies: {trace.events}"
     for path in saved.values():
         assert_committed_in_order(trace, Path(path), new_dir=True)

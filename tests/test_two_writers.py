@@ -140,3 +140,64 @@ def test_a_second_writer_waits_while_the_first_is_between_its_data_files_and_com
     loaded = Checkpointer(registry, "run").load_checkpoint("latest")
     assert loaded["step"] == 3  # A committed after B
     assert_tree_equal(state_of(3), loaded["state"])
+
+
+def test_a_new_writers_first_cleanup_leaves_the_save_another_writer_is_making(
+    registry, monkeypatch
+):
+    """Deterministic: right after a new writer A's first commit, writer B takes the
+    run's lock and writes latest's new data files, and stops before its commit. A's
+    first cleanup of leftovers runs then: it must leave the run alone while B holds
+    the lock (B's uncommitted files look like leftovers of a killed save). B then
+    commits, and its latest loads whole."""
+    from learnax.checkpoint import _run, _write
+
+    first = Checkpointer(registry, "run", save_every=None, checkpoint_every=None)
+    second = Checkpointer(registry, "run", save_every=None, checkpoint_every=None)
+    assert second.save_latest(state_of(1), step=1) is not None  # B's own first cleanup
+    real_commit, real_clean = _write.commit, _run.RunDirectory.clean_leftovers
+    ready, go = threading.Event(), threading.Event()
+    result = {}
+    b = threading.Thread(
+        target=lambda: result.setdefault("b", second.save_latest(state_of(2), step=2)),
+        name="writer-b",
+    )
+    uncommitted = []
+
+    def commit_when_told(storage, directory, manifest, files):
+        if threading.current_thread().name == "writer-b":
+            uncommitted.extend(files)
+            ready.set()
+            assert go.wait(60), "the test never let writer B commit"
+        return real_commit(storage, directory, manifest, files)
+
+    def on_disk(run) -> bool:
+        return all(os.path.exists(os.path.join(run.path, "state_latest", f)) for f in uncommitted)
+
+    def clean_while_b_saves(self, now):
+        if threading.current_thread() is threading.main_thread() and not b.ident:
+            b.start()
+            assert ready.wait(60), "writer B never reached its commit"
+            result["there"] = on_disk(self)
+            real_clean(self, now)
+            result["kept"] = on_disk(self)
+            return None
+        return real_clean(self, now)
+
+    monkeypatch.setattr(_write, "commit", commit_when_told)
+    monkeypatch.setattr(_run.RunDirectory, "clean_leftovers", clean_while_b_saves)
+    try:
+        assert first.save_checkpoint(state_of(3), step=3) is not None  # A's first commit
+    finally:
+        go.set()
+        if b.ident:
+            b.join(timeout=60)
+    monkeypatch.undo()
+
+    assert uncommitted and result.get("there"), "writer B's files were not on disk"
+    assert result.get("kept"), "A's cleanup removed the files of B's save in progress"
+    assert result.get("b") is not None, result
+    loaded = Checkpointer(registry, "run").load_checkpoint("latest")
+    assert loaded["step"] == 2
+    assert_tree_equal(state_of(2), loaded["state"])
+    assert_tree_equal(state_of(3), first.load_checkpoint(3)["state"])

@@ -32,17 +32,19 @@ import inspect
 import json
 import os
 import shutil
+import stat
 import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_tree_equal, is_lock_file
+from helpers import assert_tree_equal, flip_byte, is_lock_file, read_manifest_file
 
 from learnax.checkpoint import CheckpointCorruptedError, Checkpointer, _superseded, prune, verify
 from learnax.checkpoint import _write as learnax_write
@@ -280,6 +282,60 @@ def test_alternating_latest_and_numbered_with_a_frozen_part_all_load(make_checkp
     assert inodes(checkpoint_path(ckpt, 6), "frozen/") == shared
     assert inodes(checkpoint_path(ckpt, "latest"), "frozen/") == shared
     assert_self_contained(Path(ckpt.checkpoint_dir))
+
+
+# The rule: a data file is taken when the unchanged arrays in it hold at least half of
+# its bytes (its header counted). One file of a uint8 array "a", kept as the same
+# object, and a uint8 array "b", new at each save: one element is one byte, and with
+# every length of four digits the header's size stays the same whatever the lengths.
+A_ELEMENTS = 4000
+
+
+def two_part_state(a, b_elements: int, fill: int) -> dict:
+    return {"a": a, "b": jnp.full((b_elements,), fill, jnp.uint8)}
+
+
+def header_bytes(registry: Path) -> int:
+    """The bytes of the header (and framing) of a data file holding ``a`` and ``b`` of
+    four-digit lengths, from a probe save in a registry of its own."""
+    probe = Checkpointer(registry, "probe", save_every=None, checkpoint_every=None)
+    state = two_part_state(jnp.zeros(A_ELEMENTS, jnp.uint8), 1000, 0)
+    (entry,) = manifest_of(Path(probe.save_checkpoint(state, step=0)))["files"].values()
+    return entry["bytes"] - A_ELEMENTS - 1000
+
+
+@pytest.mark.parametrize(
+    ("a_elements", "taken"), [(A_ELEMENTS, True), (A_ELEMENTS - 1, False)], ids=["half", "short"]
+)
+def test_a_file_is_taken_when_exactly_half_of_its_bytes_are_unchanged_and_not_one_less(
+    make_checkpointer, tmp_path, a_elements, taken
+):
+    """The boundary of the take rule: the unchanged array holding exactly half of its
+    file's bytes takes the file (hard link, same inode); one element (byte) fewer, and
+    it is written again to a file of its own. Both checkpoints load either way."""
+    b_elements = A_ELEMENTS - header_bytes(tmp_path / "probe")
+    assert 1000 <= b_elements <= 9999 - A_ELEMENTS  # four digits: the header stays put
+    a_np = np.arange(a_elements, dtype=np.uint64).astype(np.uint8)
+    a = jnp.asarray(a_np)
+    ckpt = make_checkpointer(save_every=None, checkpoint_every=1)
+    assert ckpt.save_checkpoint(two_part_state(a, b_elements, 1), step=1) is not None
+    first = checkpoint_path(ckpt, 1)
+    (file,) = manifest_of(first)["files"]
+    size = manifest_of(first)["files"][file]["bytes"]
+    # Exactly half of the file's bytes, or one byte short of half.
+    assert 2 * a_elements == (size if taken else size - 1), "not the planned layout"
+    assert ckpt.save_checkpoint(two_part_state(a, b_elements, 2), step=2) is not None
+
+    second = checkpoint_path(ckpt, 2)
+    if taken:
+        assert files_holding(second, "a") == {file}
+        assert inodes(second, "a") == inodes(first, "a"), "the file was not linked"
+    else:
+        assert files_holding(second, "a") != {file}, "the file was taken"
+        assert not (inodes(second) & inodes(first))
+    for step in (1, 2):
+        expected = {"a": a_np, "b": np.full(b_elements, step, np.uint8)}
+        assert_tree_equal(expected, ckpt.load_checkpoint(step)["state"])
 
 
 # --- (c) numpy arrays ----------------------------------------------------------------
@@ -550,6 +606,96 @@ def test_a_file_one_writer_retired_and_the_other_took_back_is_never_removed(
     assert verify(str(Path(one.checkpoint_dir).parent)) == []
 
 
+@pytest.mark.parametrize("manifest", ["damaged", "unreadable"])
+def test_retired_files_stay_while_the_manifest_cannot_be_read(
+    make_checkpointer, monkeypatch, manifest
+):
+    """The files a latest save retired are removed, once their grace time is over,
+    only if the manifest does not name them then. While that manifest is damaged (a
+    flipped byte) or cannot be read (EIO), nobody can tell: every retired file stays."""
+    from learnax.checkpoint import _manifest
+
+    monkeypatch.setattr(_superseded, "SUPERSEDED_GRACE_S", 60.0)
+    ckpt = make_checkpointer(save_every=1, checkpoint_every=None)
+    latest = checkpoint_path(ckpt, "latest")
+    ckpt.save_latest(train_state(frozen_jax(), 0), step=0)  # the first commit's cleanup
+    ckpt.save_latest(train_state(frozen_jax(), 1), step=1)
+    retired = data_files(latest)
+    ckpt.save_latest(train_state(frozen_jax(), 2), step=2)
+    assert set(retired) - set(data_files(latest)) == set(), "not kept for the grace time"
+    assert not set(retired) & {latest / n for n in manifest_of(latest)["files"]}
+
+    if manifest == "damaged":
+        _, start, _ = read_manifest_file(latest)
+        flip_byte(latest / MANIFEST, start + 20)
+        with pytest.raises(CheckpointCorruptedError):
+            ckpt.load_checkpoint("latest")
+    else:
+
+        def unreadable(storage, directory):
+            raise OSError(errno.EIO, "Input/output error", directory)
+
+        monkeypatch.setattr(_manifest, "read_manifest", unreadable)
+    _superseded.remove_now()  # every grace time over
+    monkeypatch.undo()
+
+    assert set(retired) <= set(data_files(latest)), "a retired file was removed"
+
+
+def test_retired_files_stay_while_another_save_holds_the_runs_lock(make_checkpointer, monkeypatch):
+    """Two writers of one run: writer 2's latest retires the file of writer 1's, and
+    writer 1's next latest (the same frozen objects) takes that file back in place and
+    stops before its commit, holding the run's lock. Removing the retired files then
+    (their grace time over) must wait for the lock: the manifest about to be committed
+    names the file. After the commit, latest loads whole."""
+    from learnax.checkpoint import _write
+
+    monkeypatch.setattr(_superseded, "SUPERSEDED_GRACE_S", 60.0)
+    one = make_checkpointer(save_every=1, checkpoint_every=None)
+    two = make_checkpointer(save_every=1, checkpoint_every=None)
+    frozen = frozen_jax()
+    # Each writer's first commit removes the leftovers at once (the run's lock held):
+    # both are past it before the file is retired.
+    two.save_latest(train_state(frozen_jax(), 0), step=0)
+    one.save_latest(train_state(frozen, 1), step=1)
+    (taken_back,) = files_holding(checkpoint_path(one, "latest"), "frozen/")
+    two.save_latest(train_state(frozen_jax(), 2), step=2)  # retires it
+
+    real_commit = _write.commit
+    ready, go = threading.Event(), threading.Event()
+
+    def commit_when_told(*args, **kwargs):
+        if threading.current_thread().name == "writer-one":
+            ready.set()
+            assert go.wait(60), "the test never let writer 1 commit"
+        return real_commit(*args, **kwargs)
+
+    monkeypatch.setattr(_write, "commit", commit_when_told)
+    result = {}
+    saver = threading.Thread(
+        target=lambda: result.setdefault("one", one.save_latest(train_state(frozen, 3), step=3)),
+        name="writer-one",
+    )
+    saver.start()
+    try:
+        assert ready.wait(60), "writer 1 never reached its commit"
+        _superseded.remove_now()  # every grace time over, writer 1 holding the lock
+        kept = (checkpoint_path(one, "latest") / taken_back).exists()
+    finally:
+        go.set()
+        saver.join(timeout=60)
+    monkeypatch.undo()
+
+    assert result.get("one") is not None, result
+    assert kept, "a retired file was removed while another save held the run's lock"
+    assert files_holding(checkpoint_path(one, "latest"), "frozen/") == {taken_back}
+    _superseded.remove_now()  # what writer 1's commit retired, the lock free now
+    loaded = one.load_checkpoint("latest")
+    assert loaded["step"] == 3
+    assert_tree_equal(expected_state(3), loaded["state"])
+    assert verify(str(Path(one.checkpoint_dir).parent)) == []
+
+
 def test_a_copy_cut_short_is_never_taken_as_the_file(make_checkpointer, monkeypatch):
     """Without hard links a taken file is copied; a copy that fails half-way (a full
     disk) leaves nothing under the file's name, the save writes the arrays instead,
@@ -581,6 +727,94 @@ def test_a_copy_cut_short_is_never_taken_as_the_file(make_checkpointer, monkeypa
     assert_tree_equal(expected_state(2), ckpt.load_checkpoint("latest")["state"])
     assert_tree_equal(expected_state(1), ckpt.load_checkpoint(1)["state"])
     assert_self_contained(Path(ckpt.checkpoint_dir))
+
+
+def plant_in_place_of_the_data_file(ckpt: Checkpointer, source: str, how: str, spare: Path) -> Path:
+    """Replace the data file holding the frozen part in checkpoint ``source`` (the one
+    the next save takes it from) with ``how``: a symbolic link to a copy of its bytes
+    (elsewhere, whole), or the file cut short (in place). Returns its path."""
+    path = checkpoint_path(ckpt, source)
+    (name,) = files_holding(path, "frozen/")
+    target = path / name
+    if how == "symlink":
+        spare.write_bytes(target.read_bytes())
+        target.unlink()
+        target.symlink_to(spare)
+    else:
+        with open(target, "r+b") as f:
+            f.truncate(target.stat().st_size // 2)
+    return target
+
+
+@pytest.mark.parametrize("how", ["symlink", "truncated"])
+@pytest.mark.parametrize("source", ["numbered", "latest"])
+def test_a_data_file_replaced_by_a_link_or_cut_short_is_never_taken(
+    make_checkpointer, tmp_path, source, how
+):
+    """The data file a save would take (link from the last numbered checkpoint, or keep
+    in place in latest) is a symbolic link planted there (to a copy of its very bytes)
+    or a file cut short: it is not taken; the new checkpoint holds regular files of
+    the sizes its manifest gives, and loads its own step."""
+    numbered = source == "numbered"
+    ckpt = make_checkpointer(save_every=None, checkpoint_every=None)
+    frozen = frozen_jax()
+    save = ckpt.save_checkpoint if numbered else ckpt.save_latest
+    assert save(train_state(frozen, 1), step=1) is not None
+    planted = plant_in_place_of_the_data_file(
+        ckpt, 1 if numbered else "latest", how, tmp_path / "copy.safetensors"
+    )
+
+    path = Path(save(train_state(frozen, 2), step=2))
+    assert path == checkpoint_path(ckpt, 2 if numbered else "latest")
+    files = manifest_of(path)["files"]
+    assert planted.name not in files, f"{how} file taken"
+    for name, entry in files.items():
+        st = os.lstat(path / name)
+        assert stat.S_ISREG(st.st_mode), f"{name} is not a regular file"
+        assert st.st_size == entry["bytes"], f"{name} holds {st.st_size} bytes"
+    loaded = ckpt.load_checkpoint(2 if numbered else "latest")
+    assert loaded["step"] == 2
+    assert_tree_equal(expected_state(2), loaded["state"])
+    assert verify(str(path)) == []
+
+
+def test_a_copy_is_made_under_a_name_of_its_own_and_renamed_into_place(
+    make_checkpointer, monkeypatch
+):
+    """Without hard links a taken file is copied: while its bytes are being copied,
+    nothing is under the file's own name in the new checkpoint (which must only ever
+    name a whole file: a kill mid-copy would leave it cut short); once done, that very
+    copy is the file under its name, whole, and no temporary file is left."""
+    from learnax.checkpoint._storage import local
+
+    def no_hard_links(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    real_copy = shutil.copyfileobj
+    copies = []
+
+    def copy_watched(src, dst, length=0):
+        final = checkpoint_path(ckpt, 2) / Path(src.name).name
+        copies.append((final, os.path.lexists(final), os.fstat(dst.fileno()).st_ino))
+        return real_copy(src, dst, length)
+
+    ckpt = make_checkpointer(save_every=None, checkpoint_every=None)
+    frozen = frozen_jax()
+    assert ckpt.save_checkpoint(train_state(frozen, 1), step=1) is not None
+    monkeypatch.setattr(os, "link", no_hard_links)
+    monkeypatch.setattr(local.shutil, "copyfileobj", copy_watched)
+    path = ckpt.save_checkpoint(train_state(frozen, 2), step=2)
+    monkeypatch.undo()
+
+    assert path is not None
+    assert len(copies) == 1, copies
+    ((final, existed, copy_inode),) = copies
+    assert not existed, "the copy was made under the file's own name"
+    assert files_holding(Path(path), "frozen/") == {final.name}
+    assert os.stat(final).st_ino == copy_inode, "the copy was not renamed into place"
+    assert final.stat().st_size == manifest_of(Path(path))["files"][final.name]["bytes"]
+    assert_tree_equal(expected_state(2), ckpt.load_checkpoint(2)["state"])
+    assert_self_contained(Path(ckpt.checkpoint_dir))  # no temporary copy left
 
 
 # --- async -------------------------------------------------------------------------------

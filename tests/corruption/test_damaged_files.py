@@ -362,3 +362,30 @@ def test_start_up_keeps_the_files_of_a_damaged_checkpoint(pristine, tmp_path):
         open_run(registry)
     assert sorted(os.listdir(latest)) == before
     check_load_latest(registry, {"latest"})
+
+
+def test_the_first_save_of_a_new_writer_keeps_the_files_of_a_damaged_checkpoint(pristine, tmp_path):
+    """A fresh Checkpointer's first save cleans up leftovers (here an uncommitted
+    checkpoint, removed): a checkpoint whose manifest it cannot read is no leftover,
+    and every file of it stays for inspection, its data files above all."""
+    registry = tmp_path / "registry"
+    shutil.copytree(pristine, registry)
+    damaged = checkpoint_path(registry, "20")
+    before = {p.name: p.read_bytes() for p in damaged.iterdir()}
+    apply(Damage("20", "manifest.json", "flip", "body", 100, 3), damaged / "manifest.json")
+    with pytest.raises(CheckpointCorruptedError):
+        open_run(registry).load_checkpoint(20)
+    leftover = checkpoint_path(registry, "50")  # a save killed before its commit
+    shutil.copytree(checkpoint_path(registry, "30"), leftover)
+    (leftover / "manifest.json").unlink()
+
+    ckpt = open_run(registry)
+    assert ckpt.save_checkpoint(saved_state(60), step=60) is not None
+
+    assert not leftover.exists(), "the first save did not clean up"
+    after = {p.name: p.read_bytes() for p in damaged.iterdir()}
+    assert set(after) == set(before), "a file of the damaged checkpoint was removed"
+    assert {n: b for n, b in after.items() if n != "manifest.json"} == {
+        n: b for n, b in before.items() if n != "manifest.json"
+    }
+    assert_tree_equal(saved_state(60), ckpt.load_checkpoint(60)["state"])

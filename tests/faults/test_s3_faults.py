@@ -352,6 +352,33 @@ def test_reader_opened_during_a_save_deletes_nothing_even_if_objects_look_two_ho
         assert_tree_equal(state(2), latest["state"])
 
 
+def test_the_writer_ages_leftovers_by_the_stores_clock_not_its_own(faulty_s3):
+    """The store's clock is two hours behind this machine's: every object it reports
+    looks two hours old here. A new writer's first commit removes the leftovers that
+    are old by the store's own clock (an uncommitted prefix three hours older than the
+    writer's commit) and keeps those written just now by it (another job's save still
+    uploading), however old the local clock makes them look."""
+    ckpt = faulty_s3.checkpointer()
+    assert ckpt.save_checkpoint(state(5), step=5) is not None
+    root = faulty_s3.key(faulty_s3.checkpoint_dir())
+    for leftover in ("state_7", "state_9"):  # data uploaded, no manifest: no commit
+        key = f"{root}/{leftover}/data-0123456789abcdef-0.safetensors"
+        faulty_s3.client.put_object(Bucket=faulty_s3.bucket, Key=key, Body=b"\0" * 4096)
+    for kind in ("head", "list"):
+        faulty_s3.proxy.add(kind, "/state_9/", skew(-3 * 3600 - 7200))  # old to the store
+        faulty_s3.proxy.add(kind, "", skew(-7200))  # the store's clock, 2 h behind
+
+    assert faulty_s3.checkpointer().save_checkpoint(state(6), step=6) is not None
+
+    assert faulty_s3.proxy.faults("head") or faulty_s3.proxy.faults("list")
+    faulty_s3.proxy.clear()
+    keys = faulty_s3.keys(faulty_s3.checkpoint_dir())
+    assert not [k for k in keys if k.startswith("state_9/")], "the old leftover stayed"
+    assert [k for k in keys if k.startswith("state_7/")], "the young leftover was removed"
+    for step in (5, 6):
+        assert_tree_equal(state(step), ckpt.load_checkpoint(step)["state"])
+
+
 # --- failures while loading ----------------------------------------------------------
 
 

@@ -450,21 +450,23 @@ def test_a_save_that_cannot_examine_its_checkpoint_directory_returns_none_and_lo
 
 class LostRenameReply:
     """``os.replace`` onto the run's ``manifest.json`` files happens, then reports
-    ``err``: an NFS rename whose reply was lost after the server applied it."""
+    ``err``: an NFS rename whose reply was lost after the server applied it. With
+    ``applied=False`` the rename fails before it happens, reporting the same error."""
 
-    def __init__(self, monkeypatch, registry, err: int):
+    def __init__(self, monkeypatch, registry, err: int, *, applied: bool = True):
         self.root = os.path.abspath(checkpoints_dir(registry))
         self.err = err
         self.fired = 0
         real = os.replace
 
         def replace(src, dst, *args, **kwargs):
-            applied = real(src, dst, *args, **kwargs)
             path = os.path.abspath(os.fsdecode(dst))
             if path.startswith(self.root + os.sep) and os.path.basename(path) == "manifest.json":
+                if applied:
+                    real(src, dst, *args, **kwargs)
                 self.fired += 1
                 raise OSError(self.err, os.strerror(self.err), path)
-            return applied
+            return real(src, dst, *args, **kwargs)
 
         monkeypatch.setattr(os, "replace", replace)
 
@@ -504,6 +506,36 @@ def test_a_manifest_rename_whose_outcome_cannot_be_read_back_returns_none_and_de
     assert old_files <= set(Path(checkpoints_dir(run), "state_latest").glob("data-*"))
     assert_loads(ckpt.load_latest(), 6)  # the rename did happen: the new one, whole
     assert_every_committed_checkpoint_loads(run, more={"latest": 6})
+
+
+@pytest.mark.parametrize("applied", [True, False], ids=["applied", "not-applied"])
+def test_a_best_whose_commit_cannot_be_read_back_is_read_again_before_the_next_decision(
+    run, monkeypatch, err, applied
+):
+    """A new best (0.1) whose manifest rename reports an error and cannot be read back:
+    nobody knows whether state_best holds it or the old best (0.4). The next best
+    decision, once the disk answers, reads state_best again and compares with what it
+    holds: 0.2 is refused if the rename was applied (0.1 is stored), and saved if it
+    was not (0.4 is)."""
+    ckpt = open_run(run)
+    lost = LostRenameReply(monkeypatch, run, err, applied=applied)
+    broken = fault(monkeypatch, run, ("stat", "lstat", "open"), "state_best/manifest.json", err)
+    broken.arm()
+    saved = ckpt.update_best_checkpoint(small_state(6), 0.1, step=6)
+    broken.repair()
+    monkeypatch.undo()
+
+    assert lost.fired
+    assert broken.fired, "the save did not read its manifest back"
+    assert saved is False  # the outcome is unknown: not reported as saved
+    stored_step, stored_value = (6, 0.1) if applied else (BEST_STEP, BEST_VALUE)
+    assert_loads(ckpt.load_best(), stored_step)
+
+    replaced = ckpt.update_best_checkpoint(small_state(7), 0.2, step=7)
+
+    assert replaced is not applied, f"0.2 decided against a stale best (stored: {stored_value})"
+    assert_loads(ckpt.load_best(), stored_step if applied else 7)
+    assert ckpt.best_metric_value == (stored_value if applied else 0.2)
 
 
 # --------------------------------------------------------------------------- retention
