@@ -240,3 +240,36 @@ def test_export_refuses_two_leaves_that_would_get_one_name(tmp_path):
     with pytest.raises(ValueError, match="same name"):
         convert(saved(tmp_path / "a", state), str(tmp_path / "x.safetensors"))
     assert not (tmp_path / "x.safetensors").exists()
+
+
+class Interrupted(Exception):
+    """The user stopped the export (as Ctrl-C would) while it was being written."""
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_an_interrupted_export_leaves_no_partial_file_and_can_be_run_again(tmp_path, where):
+    """An export stopped half-way leaves nothing under its name (a local file is
+    visible while written; memory:// keeps what it got): else the file cut short would
+    pass for the export, and running ``convert`` again would refuse the destination."""
+    source = Checkpointer(tmp_path / "reg", "run").save_checkpoint(tree(), step=1)
+    if where == "local":
+        target, exists = str(tmp_path / "exports" / "state.safetensors"), os.path.exists
+        (tmp_path / "exports").mkdir()
+    else:
+        fsspec = pytest.importorskip("fsspec")
+        memory, root = fsspec.filesystem("memory"), f"/learnax-{os.urandom(8).hex()}"
+        target, exists = f"memory://{root}/state.safetensors", memory.exists
+
+    def interrupt_once_written(stage: str, nbytes: int, total: int) -> None:
+        if stage == "write" and nbytes:
+            raise Interrupted
+
+    try:
+        with pytest.raises(Interrupted):
+            convert(source, target, progress=interrupt_once_written)
+        assert not exists(target), "a partial file was left"
+        assert convert(source, target) == target
+        assert exists(target)
+    finally:
+        if where == "memory" and memory.exists(root):
+            memory.rm(root, recursive=True)

@@ -330,9 +330,17 @@ def write_tensors_file(storage: Storage, path: str, leaves: list[_tree.ArrayLeaf
     ``path``, durably: the export of a checkpoint's arrays for other tools."""
     tensors = [_whole(leaf) for leaf in leaves]
     header = _header(tensors)
-    size = storage.write_durable(path, _data_chunks(header, tensors))
-    if size != len(header) + sum(t.nbytes for t in tensors):
-        raise OSError(f"{path}: written size does not match")
+    try:
+        size = storage.write_durable(path, _data_chunks(header, tensors))
+        if size != len(header) + sum(t.nbytes for t in tensors):
+            raise OSError(f"{path}: written size does not match")
+    except BaseException:
+        # A failed write may leave a partial file under the name (a local file, or a
+        # store such as memory:// that keeps what it got): removed, so the export can
+        # be tried again. The destination was new (``convert`` refuses one that exists).
+        with contextlib.suppress(OSError):
+            storage.remove(path)
+        raise
 
 
 def remove_files(storage: Storage, directory: str, names: Iterable[str]) -> None:

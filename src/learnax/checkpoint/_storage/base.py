@@ -150,7 +150,8 @@ class Storage(Protocol):
         """Write ``chunks`` in order as file ``path`` (replacing any there), its data
         durable when this returns; returns the size. Not atomic: a local file is visible
         while written and a failed write leaves it partial for the caller to remove (the
-        fsspec back-end aborts the upload, or removes the file, instead). The new
+        fsspec back-end aborts an upload, or removes a file that cannot be discarded,
+        but a store such as ``memory://`` may still keep what it got). The new
         directory entry needs :meth:`fsync_dir` to be durable."""
         ...
 
