@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import assert_tree_equal, small_state
 
-from learnax.checkpoint import Checkpointer
+from learnax.checkpoint import Checkpointer, RunIdWarning
 
 
 class TrainState(NamedTuple):
@@ -490,7 +490,9 @@ def test_a_new_checkpointer_loads_what_an_earlier_one_saved(make_checkpointer):
 
 def test_runs_in_one_registry_are_separate(make_checkpointer):
     make_checkpointer("run-a").save_checkpoint(small_state(), step=1)
-    assert make_checkpointer("run-b").load_latest() is None
+    # run-b has no checkpoints and a run of a close name has: the mistyped-run-id hint.
+    with pytest.warns(RunIdWarning, match="did you mean 'run-a'"):
+        assert make_checkpointer("run-b").load_latest() is None
 
 
 def test_best_value_is_picked_up_from_a_best_saved_by_hand(make_checkpointer):
