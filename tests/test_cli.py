@@ -392,6 +392,32 @@ def test_ls_run_shows_a_damaged_manifest_as_damaged(two_runs_copy):
     )
 
 
+def test_ls_run_json_gives_the_problem_of_a_damaged_checkpoint_only(two_runs_copy):
+    damage_manifest(ckpt_path(two_runs_copy, "alpha", 10))
+    checkpoints = run_json("ls", two_runs_copy / "alpha")["checkpoints"]
+    problems = {Path(c["path"]).name: c.get("problem") for c in checkpoints}
+    assert "manifest.json" in problems.pop("state_10")
+    assert set(problems.values()) == {None}
+
+
+def test_sizes_change_unit_at_1024_and_numbers_show_six_significant_digits():
+    from learnax import _cli_output as out
+
+    assert [out.size(n) for n in (0, 1023, 1024, 1536, 1024**2)] == [
+        "0 B",
+        "1023 B",
+        "1.0 KiB",
+        "1.5 KiB",
+        "1.0 MiB",
+    ]
+    assert [out.number(x) for x in (0.123456789, 1234567.0, 3, "x")] == [
+        "0.123457",
+        "1.23457e+06",
+        "3",
+        "x",
+    ]
+
+
 def test_ls_run_shows_a_truncated_data_file_as_damaged(two_runs_copy):
     data_file = checkpoint_files(ckpt_path(two_runs_copy, "alpha", 20))[0]
     with open(data_file, "r+b") as f:
@@ -1330,6 +1356,31 @@ def test_a_closed_pipe_exits_141_with_nothing_on_stderr(many_checkpoints):
     stderr = process.stderr.read()
     assert process.wait(timeout=TIMEOUT_S) == 141
     assert stderr == b"", stderr.decode()
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["table", "json"])
+def test_a_reader_gone_before_the_buffered_output_is_written_exits_141_silently(
+    show_run, json_flag
+):
+    # As in a shell (no PYTHONUNBUFFERED): stdout is block-buffered, so the short output
+    # is written only when flushed; the pipe's reader is gone before it starts.
+    env = cli_env()
+    env.pop("PYTHONUNBUFFERED", None)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "learnax", "ls", *json_flag, str(show_run.path)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            timeout=TIMEOUT_S,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141, done.stderr.decode()
+    assert done.stderr == b"", done.stderr.decode()
 
 
 def test_ctrl_c_exits_130(many_checkpoints):

@@ -94,6 +94,20 @@ def test_a_run_with_checkpoints_never_lists_the_registry(registry_with_alpha, mo
     assert listed == []
 
 
+def test_a_new_run_without_a_close_name_lists_the_registry_once(registry, monkeypatch):
+    # The check is made once per Checkpointer, also when it finds nothing to warn of:
+    # a new run's loads (all None) do not list the registry again and again.
+    Checkpointer(registry, "beta").save_checkpoint(small_state(1), step=1)
+    ckpt = Checkpointer(registry, "alpha")
+    listed = []
+    real_listdir = ckpt._storage.listdir
+    monkeypatch.setattr(ckpt._storage, "listdir", lambda p: listed.append(p) or real_listdir(p))
+    for _ in range(3):
+        assert run_id_warnings(lambda: ckpt.load_latest()) == []
+    assert run_id_warnings(lambda: ckpt.load_best()) == []
+    assert len(listed) == 1
+
+
 def test_a_registry_that_cannot_be_listed_gives_no_hint_and_no_error(
     registry_with_alpha, monkeypatch
 ):

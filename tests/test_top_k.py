@@ -87,6 +87,12 @@ def test_a_value_ranks_when_it_would_be_among_the_k_best(values, k, minimize):
         )
 
 
+def test_a_value_replaces_the_stored_value_of_its_own_step():
+    # Step 5 saved again (a resumed run) ranks by its new value, not its stored one.
+    assert not ranks_in_top_k(3.0, 5, {4: 2.0, 5: 1.0}, 1, minimize=True)
+    assert ranks_in_top_k(1.0, 5, {4: 2.0, 5: 3.0}, 1, minimize=True)
+
+
 def test_without_top_k_retention_is_the_seed_one():
     assert retention_victims([1, 2, 3], None, None) == []
     assert retention_victims([1, 2, 3], 2, None) == [1]
@@ -241,6 +247,24 @@ def test_a_numbered_checkpoint_saved_by_hand_ranks_by_its_metrics(make_checkpoin
     ckpt.save_checkpoint(small_state(1), step=1, metrics={LOSS: 0.2})
     ckpt.save_checkpoint(small_state(2), step=2, metrics={LOSS: 0.9})
     ckpt.save_checkpoint(small_state(3), step=3)
+    assert numbered_steps(ckpt) == [1]
+
+
+def test_a_stored_metric_that_is_not_a_number_never_ranks(make_checkpointer):
+    # A bool is stored as a metric but is no value to rank by: like no value at all.
+    ckpt = make_checkpointer(keep_top_k=1)
+    ckpt.save_checkpoint(small_state(1), step=1, metrics={LOSS: True})
+    ckpt.save_checkpoint(small_state(2), step=2, metrics={LOSS: 0.9})
+    assert numbered_steps(ckpt) == [2]
+
+
+def test_a_changed_metric_name_ranks_by_the_new_metrics_stored_values(make_checkpointer):
+    settings = dict(save_every=None, checkpoint_every=None, keep_top_k=1, metric_name="a")
+    ckpt = make_checkpointer(**settings)
+    assert "numbered" in ckpt.maybe_save_checkpoints(small_state(0), 0, {"a": 1.0, "b": 5.0})
+    ckpt.metric_name = "b"
+    # By "b", 3.0 beats step 0's stored 5.0 (by "a" it would not beat 1.0).
+    assert "numbered" in ckpt.maybe_save_checkpoints(small_state(1), 1, {"a": 9.0, "b": 3.0})
     assert numbered_steps(ckpt) == [1]
 
 
