@@ -11,6 +11,7 @@ from . import _tree
 from ._errors import CheckpointCorruptedError
 from ._inspect import checkpoints_under
 from ._manifest import MANIFEST
+from ._metrics import decode_metrics
 from ._read import CheckpointReader, read_consistent
 from ._storage import open_storage
 from ._storage.counted import CountedStorage
@@ -92,6 +93,7 @@ def verify_reader(reader: CheckpointReader) -> None:
     manifest = reader.manifest
     where = reader.storage.join(reader.directory, MANIFEST)
     reader.check_files()
+    decode_metrics(manifest["metrics"], where)  # as every load and read_info does
     try:
         in_tree = set(_tree.array_names(manifest["tree"]))
     except _tree.MalformedTreeError as e:
