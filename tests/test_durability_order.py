@@ -140,11 +140,21 @@ def test_replacing_latest_is_made_durable_in_order(registry, monkeypatch):
     assert_committed_in_order(trace, Path(path), new_dir=False)
 
 
-def test_checkpoints_that_link_the_data_of_one_write_are_made_durable_in_order(
-    registry, monkeypatch
+@pytest.mark.parametrize("hard_links", [True, False], ids=["linked", "copied"])
+def test_checkpoints_that_take_the_data_of_one_write_are_made_durable_in_order(
+    registry, monkeypatch, hard_links
 ):
-    """Latest, numbered and best due at one step: one is written, the others link its
-    data files; each link is a directory entry the commit must make durable first."""
+    """Latest, numbered and best due at one step: one is written, the others take its
+    data files, as hard links, or on a filesystem without them as copies (each under a
+    temporary name, fsynced there and renamed to its own). Each is a directory entry
+    the commit must make durable first: the directory fsync before the manifest rename
+    comes after those links or renames."""
+    if not hard_links:
+
+        def no_hard_links(*args, **kwargs):
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_hard_links)
     ckpt = Checkpointer(
         registry, "run", save_every=1, checkpoint_every=1, keep_best=True, metric_name="loss"
     )
@@ -152,34 +162,14 @@ def test_checkpoints_that_link_the_data_of_one_write_are_made_durable_in_order(
     state = {"w": jnp.arange(1024.0), "b": jnp.ones(3)}
     saved = ckpt.maybe_save_checkpoints(state, 1, {"loss": 0.5})
     assert set(saved) == {"latest", "numbered", "best"}
-    assert any(c == "link" for c, _ in trace.events), "nothing linked: no take is covered"
-    for path in saved.values():
-        assert_committed_in_order(trace, Path(path), new_dir=True)
-
-
-def test_checkpoints_that_copy_the_data_of_one_write_are_made_durable_in_order(
-    registry, monkeypatch
-):
-    """As above on a filesystem without hard links: the data files are copied, each
-    under a temporary name, fsynced there and renamed to its own; the directory fsync
-    before the manifest rename must come after those renames."""
-
-    def no_hard_links(*args, **kwargs):
-        raise OSError(errno.EPERM, "Operation not permitted")
-
-    monkeypatch.setattr(os, "link", no_hard_links)
-    ckpt = Checkpointer(
-        registry, "run", save_every=1, checkpoint_every=1, keep_best=True, metric_name="loss"
-    )
-    trace = SyscallTrace(monkeypatch)
-    state = {"w": jnp.arange(1024.0), "b": jnp.ones(3)}
-    saved = ckpt.maybe_save_checkpoints(state, 1, {"loss": 0.5})
-    assert set(saved) == {"latest", "numbered", "best"}
-    copied = [
-        path
-        for path in saved.values()
-        if any(name.startswith("data-") for name in trace.under("rename", path))
-    ]
-    assert len(copied) == 2, f"not two checkpoints holding copies: {trace.events}"
+    if hard_links:
+        assert any(c == "link" for c, _ in trace.events), "nothing linked: no take is covered"
+    else:
+        copied = [
+            path
+            for path in saved.values()
+            if any(name.startswith("data-") for name in trace.under("rename", path))
+        ]
+        assert len(copied) == 2, f"not two checkpoints holding copies: {trace.events}"
     for path in saved.values():
         assert_committed_in_order(trace, Path(path), new_dir=True)
