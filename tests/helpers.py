@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import threading
 import warnings
 import zlib
 from pathlib import Path
@@ -223,3 +224,29 @@ def nothing_damaged():
         warnings.simplefilter("error")
         yield
     assert reports == [], reports
+
+
+class HeldCommit:
+    """Holds the commit of every save made on the thread named ``thread``: it stops
+    after its data files are written (the run's lock held, on a local disk) until
+    :meth:`release`. ``ready`` is set once it stops there; ``files`` names the data
+    files of the commit being held."""
+
+    def __init__(self, monkeypatch, thread: str) -> None:
+        from learnax.checkpoint import _write
+
+        self.ready, self._go = threading.Event(), threading.Event()
+        self.files: list[str] = []
+        real_commit = _write.commit
+
+        def commit_when_told(storage, directory, manifest, files):
+            if threading.current_thread().name == thread:
+                self.files.extend(files)
+                self.ready.set()
+                assert self._go.wait(60), f"the test never let {thread} commit"
+            return real_commit(storage, directory, manifest, files)
+
+        monkeypatch.setattr(_write, "commit", commit_when_told)
+
+    def release(self) -> None:
+        self._go.set()

@@ -13,7 +13,7 @@ import textwrap
 import threading
 
 import numpy as np
-from helpers import assert_tree_equal, scaled
+from helpers import HeldCommit, assert_tree_equal, scaled
 
 from learnax.checkpoint import Checkpointer
 
@@ -102,20 +102,9 @@ def test_a_second_writer_waits_while_the_first_is_between_its_data_files_and_com
     writer A saves the same checkpoint. A must wait for the run's lock: were it to go
     ahead, its cleanup would remove B's uncommitted files as superseded, and B's commit
     would then name files that are gone."""
-    from learnax.checkpoint import _write
-
     first = Checkpointer(registry, "run", save_every=None, checkpoint_every=None)
     second = Checkpointer(registry, "run", save_every=None, checkpoint_every=None)
-    real_commit = _write.commit
-    ready, go = threading.Event(), threading.Event()
-
-    def commit_when_told(*args, **kwargs):
-        if threading.current_thread().name == "writer-b":
-            ready.set()
-            assert go.wait(60), "the test never let writer B commit"
-        return real_commit(*args, **kwargs)
-
-    monkeypatch.setattr(_write, "commit", commit_when_told)
+    held = HeldCommit(monkeypatch, "writer-b")
     result = {}
     b = threading.Thread(
         target=lambda: result.setdefault("b", second.save_latest(state_of(2), step=2)),
@@ -126,12 +115,12 @@ def test_a_second_writer_waits_while_the_first_is_between_its_data_files_and_com
     )
     b.start()
     try:
-        assert ready.wait(60), "writer B never reached its commit"
+        assert held.ready.wait(60), "writer B never reached its commit"
         a.start()
         a.join(timeout=2.0)  # with the lock it is still waiting; without, it is done
         a_waited = a.is_alive()
     finally:
-        go.set()
+        held.release()
         b.join(timeout=60)
         if a.ident is not None:
             a.join(timeout=60)
@@ -150,51 +139,42 @@ def test_a_new_writers_first_cleanup_leaves_the_save_another_writer_is_making(
     first cleanup of leftovers runs then: it must leave the run alone while B holds
     the lock (B's uncommitted files look like leftovers of a killed save). B then
     commits, and its latest loads whole."""
-    from learnax.checkpoint import _run, _write
+    from learnax.checkpoint import _run
 
     first = Checkpointer(registry, "run", save_every=None, checkpoint_every=None)
     second = Checkpointer(registry, "run", save_every=None, checkpoint_every=None)
     assert second.save_latest(state_of(1), step=1) is not None  # B's own first cleanup
-    real_commit, real_clean = _write.commit, _run.RunDirectory.clean_leftovers
-    ready, go = threading.Event(), threading.Event()
+    real_clean = _run.RunDirectory.clean_leftovers
     result = {}
     b = threading.Thread(
         target=lambda: result.setdefault("b", second.save_latest(state_of(2), step=2)),
         name="writer-b",
     )
-    uncommitted = []
-
-    def commit_when_told(storage, directory, manifest, files):
-        if threading.current_thread().name == "writer-b":
-            uncommitted.extend(files)
-            ready.set()
-            assert go.wait(60), "the test never let writer B commit"
-        return real_commit(storage, directory, manifest, files)
+    held = HeldCommit(monkeypatch, "writer-b")
 
     def on_disk(run) -> bool:
-        return all(os.path.exists(os.path.join(run.path, "state_latest", f)) for f in uncommitted)
+        return all(os.path.exists(os.path.join(run.path, "state_latest", f)) for f in held.files)
 
     def clean_while_b_saves(self, now):
         if threading.current_thread() is threading.main_thread() and not b.ident:
             b.start()
-            assert ready.wait(60), "writer B never reached its commit"
+            assert held.ready.wait(60), "writer B never reached its commit"
             result["there"] = on_disk(self)
             real_clean(self, now)
             result["kept"] = on_disk(self)
             return None
         return real_clean(self, now)
 
-    monkeypatch.setattr(_write, "commit", commit_when_told)
     monkeypatch.setattr(_run.RunDirectory, "clean_leftovers", clean_while_b_saves)
     try:
         assert first.save_checkpoint(state_of(3), step=3) is not None  # A's first commit
     finally:
-        go.set()
+        held.release()
         if b.ident:
             b.join(timeout=60)
     monkeypatch.undo()
 
-    assert uncommitted and result.get("there"), "writer B's files were not on disk"
+    assert held.files and result.get("there"), "writer B's files were not on disk"
     assert result.get("kept"), "A's cleanup removed the files of B's save in progress"
     assert result.get("b") is not None, result
     loaded = Checkpointer(registry, "run").load_checkpoint("latest")

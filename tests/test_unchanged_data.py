@@ -44,7 +44,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_tree_equal, flip_byte, is_lock_file, read_manifest_file
+from helpers import HeldCommit, assert_tree_equal, flip_byte, is_lock_file, read_manifest_file
 
 from learnax.checkpoint import CheckpointCorruptedError, Checkpointer, _superseded, prune, verify
 from learnax.checkpoint import _write as learnax_write
@@ -648,8 +648,6 @@ def test_retired_files_stay_while_another_save_holds_the_runs_lock(make_checkpoi
     stops before its commit, holding the run's lock. Removing the retired files then
     (their grace time over) must wait for the lock: the manifest about to be committed
     names the file. After the commit, latest loads whole."""
-    from learnax.checkpoint import _write
-
     monkeypatch.setattr(_superseded, "SUPERSEDED_GRACE_S", 60.0)
     one = make_checkpointer(save_every=1, checkpoint_every=None)
     two = make_checkpointer(save_every=1, checkpoint_every=None)
@@ -661,16 +659,7 @@ def test_retired_files_stay_while_another_save_holds_the_runs_lock(make_checkpoi
     (taken_back,) = files_holding(checkpoint_path(one, "latest"), "frozen/")
     two.save_latest(train_state(frozen_jax(), 2), step=2)  # retires it
 
-    real_commit = _write.commit
-    ready, go = threading.Event(), threading.Event()
-
-    def commit_when_told(*args, **kwargs):
-        if threading.current_thread().name == "writer-one":
-            ready.set()
-            assert go.wait(60), "the test never let writer 1 commit"
-        return real_commit(*args, **kwargs)
-
-    monkeypatch.setattr(_write, "commit", commit_when_told)
+    held = HeldCommit(monkeypatch, "writer-one")
     result = {}
     saver = threading.Thread(
         target=lambda: result.setdefault("one", one.save_latest(train_state(frozen, 3), step=3)),
@@ -678,11 +667,11 @@ def test_retired_files_stay_while_another_save_holds_the_runs_lock(make_checkpoi
     )
     saver.start()
     try:
-        assert ready.wait(60), "writer 1 never reached its commit"
+        assert held.ready.wait(60), "writer 1 never reached its commit"
         _superseded.remove_now()  # every grace time over, writer 1 holding the lock
         kept = (checkpoint_path(one, "latest") / taken_back).exists()
     finally:
-        go.set()
+        held.release()
         saver.join(timeout=60)
     monkeypatch.undo()
 
