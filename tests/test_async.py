@@ -328,6 +328,25 @@ def test_async_save_leaves_the_callers_jax_arrays_usable(make_async):
     ckpt.wait_until_finished()
 
 
+def test_snapshot_copies_every_leaf_but_never_touches_those_it_is_told_to_skip():
+    """The leaves whose data a save takes from an earlier checkpoint's files are not
+    read, so not copied (a frozen base stays one copy in memory)."""
+    from learnax.checkpoint._background import snapshot
+    from learnax.checkpoint._tree import ArrayLeaf
+
+    values = {
+        "numpy": np.arange(4.0),
+        "small_jax": jnp.arange(4.0),
+        "big_jax": jnp.arange(FOUR_MB, dtype=jnp.float32),
+    }
+    for skipped in values:
+        leaves = [ArrayLeaf(name, (), value, "array") for name, value in values.items()]
+        snapshot(leaves, skip={skipped})
+        for leaf in leaves:
+            assert (leaf.value is values[leaf.name]) == (leaf.name == skipped), leaf.name
+            np.testing.assert_array_equal(np.asarray(leaf.value), np.asarray(values[leaf.name]))
+
+
 # --- at most one save in flight -----------------------------------------------------
 
 

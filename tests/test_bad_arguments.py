@@ -473,6 +473,39 @@ def test_int_leaf_too_large_to_store_raises_at_the_call_naming_its_path(run_with
     assert_untouched(run_with_history, before)
 
 
+def test_prng_key_of_an_implementation_not_built_into_jax_raises_naming_its_path(
+    run_with_history,
+):
+    xr = pytest.importorskip("jax.extend.random")
+    if not hasattr(xr, "define_prng_impl"):
+        pytest.skip("this jax cannot define a PRNG implementation")
+    base = xr.threefry_prng_impl
+    impl = xr.define_prng_impl(
+        key_shape=base.key_shape,
+        seed=base.seed,
+        split=base.split,
+        random_bits=base.random_bits,
+        fold_in=base.fold_in,
+        name="my_threefry",
+    )
+    state = {"params": small_state()["params"], "rng": jax.random.key(0, impl=impl)}
+    before = disk(run_with_history)
+    with pytest.raises(TypeError, match=r"\['rng'\].*key_data"):
+        run_with_history.maybe_save_checkpoints(state, 2, {"val/loss": 0.1})
+    assert_untouched(run_with_history, before)
+
+
+def test_int_leaf_of_4000_digits_round_trips_and_one_of_4001_is_refused(make_checkpointer):
+    ckpt = make_checkpointer()
+    largest = 10**4000 - 1  # 4,000 digits: the most the message promises to store
+    ckpt.save_checkpoint({"n": largest, "m": -largest}, step=1)
+    assert ckpt.load_checkpoint(1)["state"] == {"n": largest, "m": -largest}
+    for too_large in (10**4000, -(10**4000)):
+        with pytest.raises(ValueError, match="more than 4,000 digits"):
+            ckpt.save_checkpoint({"n": too_large}, step=2)
+    assert ckpt.load_latest()["step"] == 1
+
+
 def test_int_metric_too_large_to_store_raises_type_error_naming_it(run_with_history):
     before = disk(run_with_history)
     with pytest.raises(TypeError, match="val/loss"):

@@ -17,6 +17,7 @@ from helpers import (
     assert_tree_equal,
     checkpoint_files,
     read_manifest_file,
+    rewrite_manifest,
     scaled,
     small_state,
 )
@@ -184,6 +185,15 @@ def test_a_partial_read_reads_only_the_checksum_blocks_its_region_touches(
     assert read <= most_mib * (1 << 20), f"read {read / 2**20:.1f} MiB"
 
 
+def test_a_partial_read_of_a_tensor_ending_in_a_partial_checksum_block(make_checkpointer):
+    # 3 rows of 1.2 MB: the last checksum block holds what is left, not a whole MiB,
+    # and no byte past the tensor is read as part of it.
+    array = np.arange(3 * 300_000, dtype=np.float32).reshape(3, 300_000)
+    reader = region_reader(make_checkpointer, array)
+    for region in [(slice(2, 3), slice(None)), (slice(None), slice(299_990, None))]:
+        np.testing.assert_array_equal(reader.read_region("w", region), array[region])
+
+
 def test_a_partial_read_detects_damage_in_the_blocks_it_reads(make_checkpointer):
     from learnax.checkpoint import CheckpointCorruptedError
 
@@ -199,6 +209,61 @@ def test_a_partial_read_detects_damage_in_the_blocks_it_reads(make_checkpointer)
     np.testing.assert_array_equal(reader.read_region("w", (slice(0, 2), slice(None))), array[:2])
     with pytest.raises(CheckpointCorruptedError, match="checksum mismatch"):
         reader.read_region("w", (slice(3, 4), slice(None)))
+
+
+_SHARDED_COLS = 1 << 18  # 1 MiB rows: each shard has its checksum blocks
+_SHARDED = np.arange(4 * _SHARDED_COLS, dtype=np.float32).reshape(4, _SHARDED_COLS)
+
+
+def sharded_reader(make_checkpointer, row_ranges, spare_rows=0):
+    """A checkpoint of _SHARDED as a multi-host save stores it: one tensor per
+    process's rows, each with its slice of the array (the rows in ``row_ranges``);
+    ``spare_rows`` more in a tensor of an array of their own."""
+    from learnax.checkpoint import _manifest, _read
+    from learnax.checkpoint._storage import LocalStorage
+
+    tensors = {f"rows{a}-{b}": _SHARDED[a:b] for a, b in row_ranges}
+    path = saved_path(make_checkpointer, state={**tensors, "spare": _SHARDED[:spare_rows]})
+
+    def as_shards(m):
+        shards = []
+        for (a, b), tensor in zip(row_ranges, tensors, strict=True):
+            entry = m["arrays"].pop(tensor)
+            shards.append(
+                {"file": entry["file"], "tensor": tensor, "crc32": entry["crc32"]}
+                | {"slice": [[a, b], [0, _SHARDED_COLS]]}
+            )
+        m["arrays"]["w"] = {"dtype": "float32", "shape": [4, _SHARDED_COLS], "shards": shards}
+        m["tree"] = (
+            {"array": "w"} if not spare_rows else {"list": [{"array": "w"}, {"array": "spare"}]}
+        )
+
+    rewrite_manifest(path, as_shards)
+    storage = LocalStorage()
+    return _read.CheckpointReader(storage, str(path), _manifest.read_manifest(storage, str(path)))
+
+
+def test_a_partial_read_of_an_array_stored_in_shards_gives_its_values(make_checkpointer):
+    reader = sharded_reader(make_checkpointer, [(0, 2), (2, 4)])
+    for region in [
+        (slice(0, 2), slice(None)),  # the first shard only
+        (slice(2, 4), slice(3, 5)),  # the second shard only
+        (slice(1, 3), slice(2, 7)),  # across both
+        (slice(None), slice(None)),
+    ]:
+        np.testing.assert_array_equal(reader.read_region("w", region), _SHARDED[region])
+    np.testing.assert_array_equal(make_checkpointer().load_checkpoint(1000)["state"], _SHARDED)
+
+
+def test_shards_that_leave_rows_of_the_array_uncovered_are_damage(make_checkpointer):
+    from learnax.checkpoint import CheckpointCorruptedError
+
+    # Row 2 is in no shard; the files still hold as many bytes as the array needs.
+    reader = sharded_reader(make_checkpointer, [(0, 2), (3, 4)], spare_rows=1)
+    with pytest.raises(CheckpointCorruptedError, match="do not tile"):
+        reader.read_region("w", (slice(0, 1), slice(None)))
+    with pytest.raises(CheckpointCorruptedError, match="do not tile"):
+        make_checkpointer().load_checkpoint(1000)
 
 
 # --- tensor names are valid UTF-8 whatever the keys ---------------------------------
@@ -231,6 +296,18 @@ def test_a_key_that_is_not_valid_utf8_still_gives_openable_files(make_checkpoint
     ckpt = make_checkpointer()
     path = ckpt.save_checkpoint(state, step=1)
     _assert_every_data_file_opens(path)
+    assert_tree_equal(state, ckpt.load_checkpoint(1)["state"])
+
+
+def test_a_top_level_key_named_like_the_safetensors_metadata_entry_round_trips(
+    make_checkpointer,
+):
+    # "__metadata__" is the header's own entry, no tensor may take that name.
+    state = {"__metadata__": np.arange(3, dtype=np.float32), "w": np.ones(2, np.float32)}
+    ckpt = make_checkpointer()
+    path = ckpt.save_checkpoint(state, step=1)
+    _assert_every_data_file_opens(path)
+    assert "__metadata__" not in all_tensors(Path(path))
     assert_tree_equal(state, ckpt.load_checkpoint(1)["state"])
 
 

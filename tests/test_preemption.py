@@ -240,6 +240,21 @@ def test_closing_one_of_two_checkpointers_keeps_watching_sigterm(registry, progr
     assert signal.getsignal(signal.SIGTERM) is program_handler
 
 
+def test_a_checkpointer_made_after_one_closed_in_another_thread_chains_to_the_programs_handler(
+    registry, program_handler
+):
+    first = watching(registry, "a")
+    closer = threading.Thread(target=first.close)  # cannot put the handler back there
+    closer.start()
+    closer.join()
+    second = watching(registry, "b")  # finds learnax's handler still installed
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert program_handler.calls == [signal.SIGTERM]
+    assert set(second.maybe_save_checkpoints({"w": np.ones(3)}, 5)) == {"latest"}
+    second.close()
+    assert signal.getsignal(signal.SIGTERM) is program_handler
+
+
 def test_a_handler_installed_after_the_checkpointer_is_left_in_place_at_close(
     registry, program_handler
 ):

@@ -6,6 +6,7 @@ import math
 import time
 from typing import NamedTuple
 
+import flax.core
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
-from helpers import assert_tree_equal, identity, is_typed_key_array
+from helpers import assert_tree_equal, identity, is_typed_key_array, rewrite_manifest
 
 
 class Pair(NamedTuple):
@@ -119,6 +120,14 @@ def test_python_scalars_keep_type_and_value(make_checkpointer):
     assert restored["-inf"] == -math.inf
 
 
+def test_negative_zero_floats_keep_their_sign(make_checkpointer):
+    state = {"float": -0.0, "complex": complex(-0.0, -0.0)}
+    restored = roundtrip(make_checkpointer, state)
+    assert math.copysign(1.0, restored["float"]) == -1.0
+    assert math.copysign(1.0, restored["complex"].real) == -1.0
+    assert math.copysign(1.0, restored["complex"].imag) == -1.0
+
+
 def test_strings_round_trip_including_unicode_and_empty(make_checkpointer):
     state = {"name": "mlp", "unicode": "héllo ✓ 日本", "empty": "", "quote": 'a"b\\c'}
     assert roundtrip(make_checkpointer, state) == state
@@ -132,6 +141,48 @@ def test_namedtuple_of_an_imported_module_comes_back_as_the_same_class(
     assert type(restored) is Pair
     assert type(restored.second) is Pair
     assert_tree_equal(state, restored)
+
+
+def test_namedtuple_whose_class_has_other_fields_now_comes_back_with_the_saved_fields(
+    make_checkpointer,
+):
+    # Saved when Pair's fields were named otherwise: the class of today is not used
+    # (its fields would misname the values), an equivalent namedtuple is.
+    ckpt = make_checkpointer()
+    path = ckpt.save_checkpoint(Pair(first=1, second="x"), step=1)
+    rewrite_manifest(path, lambda m: m["tree"].update(fields=["lr", "momentum"]))
+    restored = ckpt.load_checkpoint(1)["state"]
+    assert type(restored) is not Pair
+    assert restored._fields == ("lr", "momentum")
+    assert type(restored).__name__ == "Pair"
+    assert (restored.lr, restored.momentum) == (1, "x")
+
+
+class _Registered:
+    """A pytree node registered without keys: jax numbers its children."""
+
+    def __init__(self, *children):
+        self.children = children
+
+
+jax.tree_util.register_pytree_node(
+    _Registered, lambda x: (x.children, None), lambda _, children: _Registered(*children)
+)
+
+
+def test_registered_node_with_numbered_children_comes_back_as_list_of_them(make_checkpointer):
+    state = {"node": _Registered(np.arange(3), 2.5, "x")}
+    restored = roundtrip(make_checkpointer, state)
+    assert type(restored["node"]) is list
+    assert_tree_equal([np.arange(3), 2.5, "x"], restored["node"])
+
+
+def test_registered_mapping_with_negative_int_keys_comes_back_as_dict(make_checkpointer):
+    # Int keys that are not 0..n-1 are no positions: a dict keeps them.
+    state = {"table": flax.core.FrozenDict({-1: np.ones(2), 1: np.zeros(2)})}
+    restored = roundtrip(make_checkpointer, state)
+    assert type(restored["table"]) is dict
+    assert_tree_equal({-1: np.ones(2), 1: np.zeros(2)}, restored["table"])
 
 
 def test_flax_struct_dataclass_comes_back_as_dict_of_its_fields(make_checkpointer):

@@ -215,6 +215,27 @@ def test_pruned_target_restores_only_the_named_part(make_checkpointer):
     assert_tree_equal(state["params"], jax.device_get(restored["params"]))
 
 
+def test_plain_tuple_target_restores_a_saved_namedtuple_by_position(make_checkpointer):
+    state = TrainState(
+        params={"w": np.arange(3.0, dtype=np.float32)},
+        opt_state=np.ones(2, np.float32),
+        step=np.int32(4),
+    )
+    ckpt = saved_checkpointer(make_checkpointer, state)
+    target = ({"w": np.zeros(3, np.float32)}, np.zeros(2, np.float32), np.int32(0))
+    restored = ckpt.load_checkpoint(1, target=target)["state"]
+    assert type(restored) is tuple
+    assert_tree_equal(tuple(state), restored)
+
+
+def test_target_matching_two_subtrees_at_one_depth_raises_naming_both(make_checkpointer):
+    state = {"encoder": {"w": np.ones(3, np.float32)}, "decoder": {"w": np.zeros(3, np.float32)}}
+    ckpt = saved_checkpointer(make_checkpointer, state)
+    with pytest.raises(ValueError, match="several subtrees") as excinfo:
+        ckpt.load_checkpoint(1, target={"w": np.zeros(3, np.float32)})
+    assert "'encoder'" in str(excinfo.value) and "'decoder'" in str(excinfo.value)
+
+
 def test_subtree_target_restores_params_of_a_saved_train_state(make_checkpointer):
     params = {
         "dense": {

@@ -168,3 +168,35 @@ def test_a_reader_whose_files_were_removed_by_a_commit_reads_the_new_checkpoint(
     assert loaded is not None and loaded["step"] == 2
     np.testing.assert_array_equal(loaded["state"]["w"], np.ones(5))
     assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")], caplog.text
+
+
+def test_load_latest_lists_again_when_every_listed_checkpoint_vanished_while_read(
+    registry, monkeypatch
+):
+    """A live run with max_to_keep=1 commits step 3 and removes steps 1 and 2 while
+    a reader is between listing them and reading them: the reader lists again and
+    gets step 3, not nothing."""
+    import shutil
+
+    from learnax.checkpoint import _checkpointer
+
+    writer = Checkpointer(registry, "run", save_every=None, checkpoint_every=1, max_to_keep=1)
+    reader = Checkpointer(registry, "run")
+    for step in (1, 2):
+        Checkpointer(registry, "run").save_checkpoint({"w": np.full(3, step)}, step=step)
+    real_read = _checkpointer.read_checkpoint
+    raced = []
+
+    def read_during_the_race(storage, directory, *args, **kwargs):
+        if not raced:
+            raced.append(directory)
+            writer.maybe_save_checkpoints({"w": np.full(3, 3)}, 3)
+            for step in (1, 2):  # its retention, if the writer's own pruning left them
+                shutil.rmtree(os.path.join(registry, "run", "checkpoints", f"state_{step}"), True)
+        return real_read(storage, directory, *args, **kwargs)
+
+    monkeypatch.setattr(_checkpointer, "read_checkpoint", read_during_the_race)
+    loaded = reader.load_latest()
+    assert raced
+    assert loaded is not None and loaded["step"] == 3
+    np.testing.assert_array_equal(loaded["state"]["w"], np.full(3, 3))

@@ -44,6 +44,7 @@ from learnax.checkpoint import (
     CheckpointCorruptedError,
     Checkpointer,
     LegacyPickleError,
+    diff,
     list_checkpoints,
     read_info,
     verify,
@@ -231,6 +232,13 @@ HEADER_CRAFTS = {
     "offsets-past-the-end": _set("b", "data_offsets", [68, 132]),
     "offsets-negative": _set("b", "data_offsets", [-4, 60]),
     "offsets-reversed": _set("b", "data_offsets", [128, 64]),
+    "offsets-overlapping": _with_header(
+        lambda h: (h["a"].update(data_offsets=[0, 96]), h["b"].update(data_offsets=[64, 128]))
+    ),
+    # Tiles the 128 bytes as far as sorted begin/end pairs go: b runs back to the end.
+    "offsets-reversed-back-to-the-end": _with_header(
+        lambda h: (h["a"].update(data_offsets=[0, 192]), h["b"].update(data_offsets=[192, 128]))
+    ),
     "offsets-floats": _set("b", "data_offsets", [64.0, 128.0]),
     "offsets-nan": _set("b", "data_offsets", [float("nan"), float("nan")]),
     "offsets-infinite": _set("b", "data_offsets", [64, float("inf")]),
@@ -238,6 +246,7 @@ HEADER_CRAFTS = {
     "offsets-10000-digits": _huge_int_offsets,
     "offsets-missing": _set("b", "data_offsets", None),
     "offsets-three-numbers": _set("b", "data_offsets", [64, 96, 128]),
+    "offsets-three-numbers-the-first-two-right": _set("b", "data_offsets", [64, 128, 128]),
     "dtype-unknown": _set("b", "dtype", "F128"),
     "dtype-object": _set("b", "dtype", "O"),
     "dtype-null": _set("b", "dtype", None),
@@ -270,6 +279,43 @@ def test_crafted_safetensors_header_is_refused_naming_the_file_without_allocatin
     assert data_file.name in str(excinfo.value)
     assert peak < len(new_bytes) + (1 << 20)
     assert no_unpickling == []
+
+
+# Seen by reading the tensors the manifest names, not by the header's own checks.
+SEEN_BY_THE_TENSORS = {
+    "dtype-unknown",
+    "dtype-object",
+    "dtype-null",
+    "dtype-of-another-size",
+    "shape-negative",
+    "shape-huge",
+    "shape-not-a-list",
+}
+
+
+@pytest.mark.parametrize("name", [n for n in HEADER_CRAFTS if n not in SEEN_BY_THE_TENSORS])
+def test_crafted_safetensors_header_is_damaged_to_the_listing_too(make_checkpointer, name):
+    # The listing checks every data file's header (not its data): each framing check
+    # must refuse on its own, not leave it to what a load finds reading the tensors.
+    ckpt, path = saved(make_checkpointer, two_tensor_state())
+    (data_file,) = checkpoint_files(path)
+    plant_data_file(path, HEADER_CRAFTS[name](data_file.read_bytes()))
+    (summary,) = list_checkpoints(str(path.parents[1]))
+    assert summary.status == "damaged"
+    assert data_file.name in summary.problem
+
+
+def test_safetensors_header_over_100_mb_is_refused_as_the_safetensors_library_does(
+    make_checkpointer,
+):
+    ckpt, path = saved(make_checkpointer, two_tensor_state())
+    (data_file,) = checkpoint_files(path)
+    header, data = split_data_file(data_file.read_bytes())
+    text = json.dumps(header).encode()
+    text += b" " * (100_000_008 - len(text))  # valid JSON, padded as safetensors pads
+    plant_data_file(path, safetensors_bytes(text, data))
+    with pytest.raises(CheckpointCorruptedError, match="header length"):
+        ckpt.load_checkpoint(1)
 
 
 def test_tensors_whose_offsets_overlap_are_refused_even_when_every_checksum_matches(
@@ -805,6 +851,28 @@ def test_namedtuple_entry_with_unusable_field_names_is_refused(make_checkpointer
         ckpt.load_checkpoint(1)
 
 
+def _namedtuple_of_three(fields: list[str]) -> dict:
+    children = [{"int": 1}, {"int": 2}, {"int": 3}]
+    return {"namedtuple": children, "module": "x", "class": "T", "fields": fields}
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        # A bool is stored as {"bool": ...}; JSON's true is no int or float here.
+        pytest.param({"int": True}, id="int-a-bool"),
+        pytest.param({"float": True}, id="float-a-bool"),
+        pytest.param({"complex": [False, 1.0]}, id="complex-part-a-bool"),
+        pytest.param(_namedtuple_of_three(["a", "b"]), id="namedtuple-more-values-than-fields"),
+    ],
+)
+def test_tree_value_that_does_not_fit_its_tag_is_refused(make_checkpointer, node):
+    ckpt, path = saved(make_checkpointer)
+    rewrite_manifest(path, lambda m: m.update(tree={"dict": [["t", node]]}))
+    with pytest.raises(CheckpointCorruptedError, match="invalid tree"):
+        ckpt.load_checkpoint(1)
+
+
 # --- names from the file or the caller that point outside -----------------------------
 
 
@@ -1048,6 +1116,37 @@ def _repeat_one_array(times: int):
         m["tree"] = {"list": [{"array": name}] * times}
 
     return mutate
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda crcs: [*crcs, crcs[-1]], id="one-block-checksum-too-many"),
+        pytest.param(lambda crcs: crcs[:-1], id="one-block-checksum-too-few"),
+    ],
+)
+def test_block_checksums_that_do_not_count_the_tensors_blocks_are_refused(make_checkpointer, edit):
+    ckpt, path = saved(make_checkpointer, {"w": np.arange(5 << 18, dtype=np.float32)})  # 5 MiB
+
+    def mutate(m):
+        crcs = m["arrays"]["w"]["crc32"]
+        assert isinstance(crcs, list) and len(crcs) == 5  # one per MiB block
+        m["arrays"]["w"]["crc32"] = edit(crcs)
+
+    rewrite_manifest(path, mutate)
+    with pytest.raises(CheckpointCorruptedError, match="data-"):
+        ckpt.load_checkpoint(1)
+
+
+def test_diff_refuses_a_tree_that_refers_to_one_array_twice(make_checkpointer):
+    # diff reads leaf by leaf, one array at a time: the reader itself must refuse the
+    # second read of a name (a load sees the repeat in its one batch of names).
+    ckpt, a = saved(make_checkpointer, {"w": np.arange(4.0)}, step=1)
+    _, b = saved(make_checkpointer, {"w": np.arange(4.0)}, step=2)
+    for path in (a, b):
+        rewrite_manifest(path, lambda m: m.update(tree={"list": [{"array": "w"}] * 2}))
+    with pytest.raises(CheckpointCorruptedError, match="refers to an array twice"):
+        diff(str(a), str(b))
 
 
 def _many_arrays_on_one_tensor(times: int):

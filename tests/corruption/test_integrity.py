@@ -109,7 +109,7 @@ def test_data_file_with_appended_bytes_raises_corrupted_error(make_checkpointer)
     ckpt, path = saved(make_checkpointer)
     data_file = checkpoint_files(path)[0]
     data_file.write_bytes(data_file.read_bytes() + b"\0" * 16)
-    with pytest.raises(CheckpointCorruptedError):
+    with pytest.raises(CheckpointCorruptedError, match="the manifest says"):
         ckpt.load_checkpoint(1)
 
 
