@@ -200,3 +200,41 @@ def test_load_latest_lists_again_when_every_listed_checkpoint_vanished_while_rea
     assert raced
     assert loaded is not None and loaded["step"] == 3
     np.testing.assert_array_equal(loaded["state"]["w"], np.full(3, 3))
+
+
+@pytest.mark.parametrize("load", ["load_checkpoint('latest')", "load_latest()"])
+def test_a_reader_on_s3_whose_objects_a_commit_removed_after_it_opened_them_reads_the_new_one(
+    moto_server, monkeypatch, caplog, load
+):
+    """On an object store nothing pins an object a read has opened: right after the
+    reader opened latest's data files, a writer commits the next latest and its
+    superseded objects are removed, so the ranged GETs find them gone. The read must
+    see that the manifest changed and read the new checkpoint: not call the old one
+    damaged, skip it, or return ``None``."""
+    pytest.importorskip("s3fs")
+    import uuid
+
+    from learnax.checkpoint import _read, _superseded
+
+    name = f"learnax-live-{uuid.uuid4().hex[:12]}"
+    moto_server.create_bucket(name)
+    registry, options = f"s3://{name}/reg", moto_server.storage_options()
+    writer = Checkpointer(registry, "run", save_every=1, storage_options=options)
+    assert writer.save_latest({"w": np.zeros(5)}, step=1) is not None
+    reader = Checkpointer(registry, "run", storage_options=options)
+    real_open = _read.CheckpointReader.open_files
+    commits = []
+
+    def a_commit_after_opening(self):
+        opened = real_open(self)
+        if not commits:  # once: the first attempt holds step 1's manifest and objects
+            commits.append(writer.save_latest({"w": np.ones(5)}, step=2))
+            _superseded.remove_now()
+        return opened
+
+    monkeypatch.setattr(_read.CheckpointReader, "open_files", a_commit_after_opening)
+    loaded = reader.load_checkpoint("latest") if load.startswith("load_c") else reader.load_latest()
+    assert commits and commits[0] is not None
+    assert loaded is not None and loaded["step"] == 2
+    np.testing.assert_array_equal(loaded["state"]["w"], np.ones(5))
+    assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")], caplog.text

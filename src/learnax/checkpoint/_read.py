@@ -9,9 +9,10 @@ Every byte read is checked against the manifest's checksums before it is handed 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, TypedDict, TypeVar
@@ -459,10 +460,8 @@ class CheckpointReader:
                 j += 1
             path = self.storage.join(self.directory, reads[i].file)
             f = self._file(reads[i].file)
-            try:
+            with _still_there(path):
                 read_into(f, [r.view for r in reads[i:j]], reads[i].offset, path)
-            except FileNotFoundError:  # an object store: removed since it was opened
-                raise CheckpointCorruptedError(f"{path}: data file is missing") from None
             for r in reads[i:j]:
                 _verify(r, path)
             i = j
@@ -472,8 +471,21 @@ class CheckpointReader:
             f = self._file(file)
             path = self.storage.join(self.directory, file)
             header_crc = self.manifest["files"][file]["header_crc32"]
-            self._headers[file] = read_safetensors_header(f, f.size(), path, header_crc)
+            with _still_there(path):
+                self._headers[file] = read_safetensors_header(f, f.size(), path, header_crc)
         return self._headers[file]
+
+
+@contextlib.contextmanager
+def _still_there(path: str) -> Iterator[None]:
+    """Reads of data file ``path``, opened already: on an object store, which pins
+    nothing, it may have been removed since. A file missing is damage unless the
+    manifest changed meanwhile (``read_consistent`` then reads the new one); never the
+    ``FileNotFoundError`` that means "no such checkpoint"."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise CheckpointCorruptedError(f"{path}: data file is missing") from None
 
 
 def _touched_blocks(
