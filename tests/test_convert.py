@@ -273,3 +273,25 @@ def test_an_interrupted_export_leaves_no_partial_file_and_can_be_run_again(tmp_p
     finally:
         if where == "memory" and memory.exists(root):
             memory.rm(root, recursive=True)
+
+
+def test_an_export_never_writes_over_an_existing_file(tmp_path):
+    """A .safetensors destination that exists (an earlier export, or any file of the
+    user's) is refused, as a checkpoint destination that holds a checkpoint is: the
+    file stays byte for byte, and the command exits 2 (usage) saying to remove it."""
+    source = Checkpointer(tmp_path / "reg", "run").save_checkpoint(tree(), step=1)
+    target = tmp_path / "params.safetensors"
+    target.write_bytes(b"the user's own file")
+    with pytest.raises(FileExistsError, match="remove it first"):
+        convert(source, str(target))
+    env = {**os.environ, "PYTHONPATH": str(SRC_DIR), "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-m", "learnax", "convert", source, str(target)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "remove it first" in done.stderr
+    assert target.read_bytes() == b"the user's own file"

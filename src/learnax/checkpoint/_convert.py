@@ -61,7 +61,7 @@ def convert(
       directory.
     - `dst`: a learnax checkpoint directory (``<registry>/<run>/checkpoints/state_<name>``,
       loadable with ``Checkpointer(registry, run).load_checkpoint(name)``), or a path
-      ending in ``.safetensors``: the arrays in one file, named by tree path (keys
+      ending in ``.safetensors`` that does not exist yet: the arrays in one file, named by tree path (keys
       joined by "/"; in a key "%" is written "%25", "/" "%2F" and the empty key
       "%00"). Converting such a file back nests its names into the same dicts.
     - `allow_pickle`: for a legacy pickle that cannot be read without running code
@@ -89,6 +89,8 @@ def convert(
         arrays = named_arrays(state, prefix=only or "")
         if not arrays:
             raise ValueError(f"{src}: no arrays to export{f' under {only!r}' if only else ''}")
+        if storage.kind(dst) is not None:  # never over a file of the user's
+            raise FileExistsError(f"{dst} exists already; remove it first")
         if storage.dirname(dst):
             storage.makedirs(storage.dirname(dst))
         total = sum(a.nbytes for a in arrays.values())
