@@ -7,6 +7,7 @@ stand in for it. Test modules import them with ``from helpers import ...``
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -250,3 +251,13 @@ class HeldCommit:
 
     def release(self) -> None:
         self._go.set()
+
+
+def without_hard_links(monkeypatch) -> None:
+    """Make this disk a filesystem without hard links: ``os.link`` fails with EPERM
+    (as on some network and FAT filesystems), so a taken data file is copied."""
+
+    def no_hard_links(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_hard_links)

@@ -16,14 +16,13 @@ checks the order a power cut needs:
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
 from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
-from helpers import small_state
+from helpers import small_state, without_hard_links
 
 from learnax.checkpoint import Checkpointer
 
@@ -150,11 +149,7 @@ def test_checkpoints_that_take_the_data_of_one_write_are_made_durable_in_order(
     the commit must make durable first: the directory fsync before the manifest rename
     comes after those links or renames."""
     if not hard_links:
-
-        def no_hard_links(*args, **kwargs):
-            raise OSError(errno.EPERM, "Operation not permitted")
-
-        monkeypatch.setattr(os, "link", no_hard_links)
+        without_hard_links(monkeypatch)
     ckpt = Checkpointer(
         registry, "run", save_every=1, checkpoint_every=1, keep_best=True, metric_name="loss"
     )

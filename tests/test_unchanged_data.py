@@ -44,7 +44,14 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import HeldCommit, assert_tree_equal, flip_byte, is_lock_file, read_manifest_file
+from helpers import (
+    HeldCommit,
+    assert_tree_equal,
+    flip_byte,
+    is_lock_file,
+    read_manifest_file,
+    without_hard_links,
+)
 
 from learnax.checkpoint import CheckpointCorruptedError, Checkpointer, _superseded, prune, verify
 from learnax.checkpoint import _write as learnax_write
@@ -691,9 +698,6 @@ def test_a_copy_cut_short_is_never_taken_as_the_file(make_checkpointer, monkeypa
     and the checkpoint loads."""
     from learnax.checkpoint._storage import local
 
-    def no_hard_links(*args, **kwargs):
-        raise OSError(errno.EPERM, "Operation not permitted")
-
     real_copy = shutil.copyfileobj
     failures = [1]
 
@@ -708,7 +712,7 @@ def test_a_copy_cut_short_is_never_taken_as_the_file(make_checkpointer, monkeypa
     frozen = frozen_jax()
     ckpt.save_latest(train_state(frozen_jax(), 0), step=0)
     ckpt.save_checkpoint(train_state(frozen, 1), step=1)
-    monkeypatch.setattr(os, "link", no_hard_links)
+    without_hard_links(monkeypatch)
     monkeypatch.setattr(local.shutil, "copyfileobj", copy_fails_once)
     assert ckpt.save_latest(train_state(frozen, 2), step=2) is not None
     monkeypatch.undo()
@@ -776,9 +780,6 @@ def test_a_copy_is_made_under_a_name_of_its_own_and_renamed_into_place(
     copy is the file under its name, whole, and no temporary file is left."""
     from learnax.checkpoint._storage import local
 
-    def no_hard_links(*args, **kwargs):
-        raise OSError(errno.EPERM, "Operation not permitted")
-
     real_copy = shutil.copyfileobj
     copies = []
 
@@ -790,7 +791,7 @@ def test_a_copy_is_made_under_a_name_of_its_own_and_renamed_into_place(
     ckpt = make_checkpointer(save_every=None, checkpoint_every=None)
     frozen = frozen_jax()
     assert ckpt.save_checkpoint(train_state(frozen, 1), step=1) is not None
-    monkeypatch.setattr(os, "link", no_hard_links)
+    without_hard_links(monkeypatch)
     monkeypatch.setattr(local.shutil, "copyfileobj", copy_watched)
     path = ckpt.save_checkpoint(train_state(frozen, 2), step=2)
     monkeypatch.undo()
@@ -1074,11 +1075,7 @@ def test_without_hard_links_taken_files_are_copies_and_every_checkpoint_loads(
     """On a filesystem without hard links (os.link fails with EPERM) a taken file is
     copied: no inode is shared, and every checkpoint, latest and numbered alternating,
     loads its own step."""
-
-    def no_hard_links(*args, **kwargs):
-        raise OSError(errno.EPERM, "Operation not permitted")
-
-    monkeypatch.setattr(os, "link", no_hard_links)
+    without_hard_links(monkeypatch)
     ckpt = make_checkpointer(save_every=1, checkpoint_every=2)
     frozen = frozen_jax()
     for step in range(1, 6):
