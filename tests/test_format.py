@@ -154,13 +154,17 @@ def read_bytes_during(fn) -> tuple[object, int]:
     return result, rchar() - before
 
 
-def region_reader(make_checkpointer, array):
+def reader_of(path):
+    """A reader of the checkpoint at ``path``, as loads make one."""
     from learnax.checkpoint import _manifest, _read
     from learnax.checkpoint._storage import LocalStorage
 
-    path = saved_path(make_checkpointer, state={"w": array})
     storage = LocalStorage()
     return _read.CheckpointReader(storage, str(path), _manifest.read_manifest(storage, str(path)))
+
+
+def region_reader(make_checkpointer, array):
+    return reader_of(saved_path(make_checkpointer, state={"w": array}))
 
 
 @pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc")
@@ -219,9 +223,6 @@ def sharded_reader(make_checkpointer, row_ranges, spare_rows=0):
     """A checkpoint of _SHARDED as a multi-host save stores it: one tensor per
     process's rows, each with its slice of the array (the rows in ``row_ranges``);
     ``spare_rows`` more in a tensor of an array of their own."""
-    from learnax.checkpoint import _manifest, _read
-    from learnax.checkpoint._storage import LocalStorage
-
     tensors = {f"rows{a}-{b}": _SHARDED[a:b] for a, b in row_ranges}
     path = saved_path(make_checkpointer, state={**tensors, "spare": _SHARDED[:spare_rows]})
 
@@ -239,8 +240,7 @@ def sharded_reader(make_checkpointer, row_ranges, spare_rows=0):
         )
 
     rewrite_manifest(path, as_shards)
-    storage = LocalStorage()
-    return _read.CheckpointReader(storage, str(path), _manifest.read_manifest(storage, str(path)))
+    return reader_of(path)
 
 
 def test_a_partial_read_of_an_array_stored_in_shards_gives_its_values(make_checkpointer):
