@@ -53,6 +53,18 @@ def manager_save(directory: Path, step: int, args, metrics=None, **options) -> P
     return directory / str(step)
 
 
+def learnax_convert(*args: str) -> subprocess.CompletedProcess:
+    """``learnax convert ARGS`` in a process of its own, as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": str(SRC_DIR), "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, "-m", "learnax", "convert", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+
+
 def loaded(registry: Path, name: str, target=None) -> dict:
     result = Checkpointer(registry, "run").load_checkpoint(name, target=target)
     assert result is not None
@@ -140,14 +152,7 @@ def test_learnax_convert_of_a_composite_orbax_step_writes_every_item(tmp_path):
         metrics={"loss": 2.0},
         best_fn=lambda m: m["loss"],  # without one, orbax keeps no metrics
     )
-    env = {**os.environ, "PYTHONPATH": str(SRC_DIR), "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run(
-        [sys.executable, "-m", "learnax", "convert", str(step_dir), dst(tmp_path / "reg", 5)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=180,
-    )
+    done = learnax_convert(str(step_dir), dst(tmp_path / "reg", 5))
     assert done.returncode == 0, done.stderr
     result = loaded(tmp_path / "reg", "5")
     assert set(result["state"]) == {"state", "extra"} and result["metrics"] == {"loss": 2.0}
@@ -284,14 +289,7 @@ def test_an_export_never_writes_over_an_existing_file(tmp_path):
     target.write_bytes(b"the user's own file")
     with pytest.raises(FileExistsError, match="remove it first"):
         convert(source, str(target))
-    env = {**os.environ, "PYTHONPATH": str(SRC_DIR), "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run(
-        [sys.executable, "-m", "learnax", "convert", source, str(target)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=180,
-    )
+    done = learnax_convert(source, str(target))
     assert done.returncode == 2, done.stderr
     assert "remove it first" in done.stderr
     assert target.read_bytes() == b"the user's own file"
